@@ -1,0 +1,79 @@
+"""Process-group setup for runs launched with torchrun; a plain `tresfinetune train` is a world of one.
+
+torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; we read them and never spawn processes ourselves.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    local_rank: int = 0
+    size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init_world(device: torch.device) -> World:
+    """Join the process group torchrun describes (NCCL on CUDA, gloo on CPU); a world of one otherwise."""
+    if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
+        return World()
+    world = World(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    return world
+
+
+def close_world(world: World) -> None:
+    if world.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(values: list[float], world: World, device: torch.device) -> list[float]:
+    if not world.distributed:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def gather_arrays(array: np.ndarray, world: World) -> np.ndarray:
+    """Concatenate each rank's rows in rank order (validation shards are contiguous, so order is kept)."""
+    if not world.distributed:
+        return array
+    parts: list = [None] * world.size
+    dist.all_gather_object(parts, array)
+    return np.concatenate(parts)
+
+
+def any_rank(flag: bool, world: World, device: torch.device) -> bool:
+    """True on every rank when `flag` is true on at least one (used to stop all ranks together)."""
+    if not world.distributed:
+        return flag
+    tensor = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
+def barrier(world: World) -> None:
+    if world.distributed:
+        dist.barrier()

@@ -1,0 +1,64 @@
+"""Running a model over a loader and turning its scores into the validation metrics."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+from torch import nn
+
+from tresfinetune.metrics import mean_average_precision, topk_accuracy
+
+SINGLE_LABEL = "single-label"
+MULTI_LABEL = "multi-label"
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def collect_scores(
+    model: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    device: torch.device,
+    task: str,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    tta_flip: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities (softmax or sigmoid by task) and targets for every sample the loader yields."""
+    model.eval()
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    all_scores, all_targets = [], []
+    for images, targets in loader:
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
+        with autocast(device, amp_dtype):
+            logits = model(images)
+            if tta_flip:
+                logits = (logits + model(images.flip(-1))) / 2
+        logits = logits.float()
+        scores = logits.softmax(1) if task == SINGLE_LABEL else logits.sigmoid()
+        all_scores.append(scores.cpu().numpy())
+        all_targets.append(targets.numpy())
+    if not all_scores:
+        return np.zeros((0, 0), np.float32), np.zeros((0,), np.int64)
+    return np.concatenate(all_scores), np.concatenate(all_targets)
+
+
+def compute_metrics(scores: np.ndarray, targets: np.ndarray, task: str, prefix: str = "val_") -> dict[str, float]:
+    """top-1/top-5 for single-label, mAP for multi-label; percent."""
+    if len(scores) == 0:
+        return {}
+    if task == SINGLE_LABEL:
+        accuracy = topk_accuracy(scores, targets, ks=(1, 5))
+        return {f"{prefix}top1": accuracy[1], f"{prefix}top5": accuracy[5]}
+    return {f"{prefix}map": mean_average_precision(scores, targets)}
+
+
+def main_metric(task: str) -> str:
+    """The metric that picks the best checkpoint and drives early stopping."""
+    return "val_top1" if task == SINGLE_LABEL else "val_map"

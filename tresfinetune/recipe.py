@@ -1,0 +1,334 @@
+"""Recipes: one YAML file describes model, data, augmentation and schedule.
+
+The schema is the dataclasses below; their defaults are what an omitted key means. Loading validates every key:
+an unknown key names itself and the nearest valid key, a wrong type names the key and the type it wants.
+`--set a.b=value` overrides are applied to the raw YAML before validation, so they are checked the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from tresfinetune.errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tresnet_m"
+    # A pretrained tag (see `tresfinetune models`), a local file, or "none" for random initialisation.
+    weights: str | None = "none"
+    # "native" (memory-saving, pure PyTorch) or "inplace_abn" (needs the optional inplace-abn package).
+    norm: str = "native"
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"
+    root: str | None = None
+    csv: str | None = None  # multilabel_csv: the label file, relative to root or absolute
+    download: bool = False
+    train_split: str = "train"
+    val_split: str = "val"
+    val_fraction: float = 0.2  # folder / multilabel_csv without an explicit val split
+    use_difficult: bool = False  # voc2007: count objects marked difficult as positives
+    csv_delimiter: str = ","  # multilabel_csv: between columns
+    label_delimiter: str = " "  # multilabel_csv: between labels inside the label column
+    on_bad_image: str = "skip"  # skip | error
+    limit: int | None = None  # use at most N images per split (a seeded subset) for quick trials
+    # TResNet weights expect inputs in [0, 1] without normalisation; set these only for other weights.
+    mean: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    std: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+    pin_memory: bool = True  # used on CUDA only
+    persistent_workers: bool = True
+
+
+@dataclass
+class TransformsConfig:
+    # Each a list of {AlbumentationsClassName: {argument: value}}; None means the defaults for input_size.
+    train: list | None = None
+    val: list | None = None
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"  # adamw | adam | sgd
+    lr: float = 1e-3
+    weight_decay: float = 1e-4  # never applied to norm weights and biases
+    momentum: float = 0.9  # sgd
+    nesterov: bool = False  # sgd
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    head_lr_mult: float = 1.0  # learning rate of the classifier head relative to the backbone
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "cosine"  # cosine | onecycle | constant
+    warmup_epochs: float = 0.0  # cosine / constant: linear warmup from warmup_start_factor * lr
+    warmup_start_factor: float = 0.01
+    min_lr_ratio: float = 0.0  # cosine: final lr as a fraction of lr
+    pct_start: float = 0.2  # onecycle: share of the schedule spent rising
+    # Length of the schedule in epochs when it is longer than the run (the ASL COCO recipe runs 40 of 80).
+    epochs: int | None = None
+
+
+@dataclass
+class LossConfig:
+    name: str | None = None  # cross_entropy | bce | asl | asl_single; None: cross_entropy or asl by task
+    options: dict = field(default_factory=dict)  # passed to the loss (gamma_neg, clip, label_smoothing, ...)
+
+
+@dataclass
+class MixupConfig:
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    prob: float = 1.0  # chance a batch is mixed at all
+    switch_prob: float = 0.5  # with both alphas set: chance of cutmix instead of mixup
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    input_size: int = 224
+    data: DataConfig = field(default_factory=DataConfig)
+    transforms: TransformsConfig = field(default_factory=TransformsConfig)
+    epochs: int = 10
+    batch_size: int = 32  # per process
+    workers: int = 4
+    seed: int = 0
+    deterministic: bool = False
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    mixup: MixupConfig = field(default_factory=MixupConfig)
+    ema: float | None = None  # EMA decay of the weights (e.g. 0.9997); None: no EMA
+    amp: str = "auto"  # auto (bf16 if supported else fp16 on CUDA, off on CPU) | bf16 | fp16 | none
+    channels_last: bool = True  # on CUDA
+    compile: bool = False  # torch.compile the model
+    grad_accum_steps: int = 1
+    clip_grad_norm: float | None = None
+    freeze_backbone_epochs: int = 0  # train only the head for the first N epochs
+    early_stopping_patience: int | None = None  # epochs without improvement before stopping
+    sync_bn: bool = False  # torchrun: synchronise norm statistics across processes
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    val_every: int = 1  # validate every N epochs (and always after the last)
+
+    @property
+    def source_path(self) -> Path | None:
+        return getattr(self, "_source_path", None)
+
+
+def _type_name(tp: Any) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list",
+             dict: "a mapping", type(None): "null"}
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if typing.get_origin(tp) is list:
+        return f"a list of {_type_name(args[0]).removeprefix('a ').removeprefix('an ')}s" if args else "a list"
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where numbers are wanted."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        # NoneType first, so that "none" / "null" strings mean None where None is allowed.
+        for option in sorted(typing.get_args(tp), key=lambda t: t is not type(None)):
+            try:
+                return _coerce(value, option, key)
+            except UserError:
+                continue
+        raise UserError(f"recipe key '{key}' must be {_type_name(tp)}, got {value!r}")
+    if tp is type(None):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif origin is list or tp is list:
+        if isinstance(value, (list, tuple)):
+            (item_tp,) = typing.get_args(tp) or (Any,)
+            if item_tp is Any:
+                return list(value)
+            return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    elif tp is dict and isinstance(value, dict):
+        return dict(value)
+    raise UserError(f"recipe key '{key}' must be {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"recipe key '{prefix.rstrip('.') or 'top level'}' must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in raw.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            candidates = [f"{prefix}{name}" for name in fields]
+            close = difflib.get_close_matches(full, candidates, n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys here: {', '.join(candidates)}"
+            raise UserError(f"unknown recipe key '{full}'{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            values[key] = _build(tp, value, f"{full}.")
+        else:
+            values[key] = _coerce(value, tp, full)
+    return cls(**values)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (['a', 'b'], value parsed as a YAML scalar)."""
+    if "=" not in text:
+        raise UserError(f"--set expects KEY=VALUE (e.g. data.root=~/photos), got '{text}'")
+    key, raw_value = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise UserError(f"--set has an empty key in '{text}'")
+    try:
+        value = yaml.safe_load(raw_value) if raw_value.strip() else None
+    except yaml.YAMLError:
+        value = raw_value
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict, overrides: typing.Iterable[str]) -> dict:
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = raw
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise UserError(f"--set {text}: '{'.'.join(parts[: i + 1])}' is not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise UserError(f"recipe '{path}' does not exist; see recipes/ for examples")
+    if path.is_dir():
+        raise UserError(f"recipe '{path}' is a folder; pass a .yaml file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"recipe '{path}' is not valid YAML{where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"recipe '{path}' is not a text file") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"recipe '{path}' must be a YAML mapping of keys to values")
+    return raw
+
+
+def recipe_from_dict(raw: dict, overrides: typing.Iterable[str] = ()) -> Recipe:
+    """Validate a raw mapping (plus overrides) into a Recipe."""
+    raw = apply_overrides(_deep_copy(raw), overrides)
+    recipe = _build(Recipe, raw, "")
+    validate(recipe)
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: typing.Iterable[str] = ()) -> Recipe:
+    """Read, override and validate a recipe file."""
+    recipe = recipe_from_dict(read_yaml(path), overrides)
+    object.__setattr__(recipe, "_source_path", Path(path))
+    return recipe
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    return dataclasses.asdict(recipe)
+
+
+def _deep_copy(raw: dict) -> dict:
+    return yaml.safe_load(yaml.safe_dump(raw)) if raw else {}
+
+
+def _choice(value: str | None, key: str, choices: typing.Sequence[str]) -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise UserError(f"recipe key '{key}' must be one of {', '.join(choices)}; got {value!r}{hint}")
+
+
+def _positive(value: float | int, key: str, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise UserError(f"recipe key '{key}' must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def validate(recipe: Recipe) -> None:
+    """Value checks beyond types; the transforms are checked against albumentations here too."""
+    from tresfinetune.datasets import source_names
+    from tresfinetune.models import list_models
+
+    _choice(recipe.model.name, "model.name", list_models())
+    _choice(recipe.model.norm, "model.norm", ["native", "inplace_abn"])
+    _choice(recipe.data.name, "data.name", source_names())
+    _choice(recipe.data.on_bad_image, "data.on_bad_image", ["skip", "error"])
+    _choice(recipe.optimizer.name, "optimizer.name", ["adamw", "adam", "sgd"])
+    _choice(recipe.schedule.name, "schedule.name", ["cosine", "onecycle", "constant"])
+    if recipe.loss.name is not None:
+        _choice(recipe.loss.name, "loss.name", ["cross_entropy", "bce", "asl", "asl_single"])
+    _choice(recipe.amp, "amp", ["auto", "bf16", "fp16", "none"])
+    if recipe.input_size % 16 or recipe.input_size < 32:
+        raise UserError(
+            f"recipe key 'input_size' must be a multiple of 16 from 32 up (e.g. 224, 368, 448), got {recipe.input_size}"
+        )
+    for key in ("epochs", "batch_size", "grad_accum_steps", "val_every"):
+        _positive(getattr(recipe, key), key)
+    _positive(recipe.workers, "workers", allow_zero=True)
+    _positive(recipe.optimizer.lr, "optimizer.lr")
+    _positive(recipe.optimizer.weight_decay, "optimizer.weight_decay", allow_zero=True)
+    _positive(recipe.freeze_backbone_epochs, "freeze_backbone_epochs", allow_zero=True)
+    if not 0 < recipe.data.val_fraction < 1:
+        raise UserError(f"recipe key 'data.val_fraction' must be between 0 and 1, got {recipe.data.val_fraction}")
+    if len(recipe.data.mean) != 3 or len(recipe.data.std) != 3 or min(recipe.data.std) <= 0:
+        raise UserError("recipe keys 'data.mean' and 'data.std' must be three numbers each (std > 0)")
+    if recipe.ema is not None and not 0 < recipe.ema < 1:
+        raise UserError(f"recipe key 'ema' must be a decay between 0 and 1 (e.g. 0.9997) or null, got {recipe.ema}")
+    if recipe.schedule.epochs is not None and recipe.schedule.epochs < recipe.epochs:
+        raise UserError(
+            f"recipe key 'schedule.epochs' ({recipe.schedule.epochs}) must be at least 'epochs' ({recipe.epochs})"
+        )
+    if not recipe.device.startswith(("auto", "cpu", "cuda")):
+        raise UserError(f"recipe key 'device' must be auto, cpu, cuda or cuda:N, got {recipe.device!r}")
+    from tresfinetune.datasets.transforms import validate_pipeline
+
+    for split in ("train", "val"):
+        spec = getattr(recipe.transforms, split)
+        if spec is not None:
+            validate_pipeline(spec, where=f"transforms.{split}")
