@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
+from tresfinetune.distributed import error_prefix
 from tresfinetune.errors import UserError
 
 if TYPE_CHECKING:
@@ -41,7 +42,9 @@ def user_errors(func):
         try:
             return func(*args, **kwargs)
         except UserError as e:
-            err_console.print(f"[bold red]Error:[/] {e}", highlight=False, soft_wrap=True)
+            prefix = error_prefix(e.shared)
+            if prefix is not None:
+                err_console.print(f"[bold red]Error:[/] {prefix}{e}", highlight=False, soft_wrap=True)
             sys.exit(1)
         except FileNotFoundError as e:
             err_console.print(f"[bold red]Error:[/] file not found: {e.filename or e}", highlight=False, soft_wrap=True)
@@ -142,6 +145,155 @@ def data_check(recipe: str, overrides: tuple[str, ...], json_path: str | None, p
         console.print(f"report written to {json_path}", highlight=False)
     if preview:
         console.print(f"preview written to {write_preview(loaded, preview, source)}", highlight=False)
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path())
+@set_option
+@click.option("--split", help="Split to evaluate (default: the recipe's data.val_split).")
+@click.option("--tta", type=click.Choice(["flip"]), help="Test-time augmentation: average with the mirrored image.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the full report as JSON here.")
+@click.option("--device", help="cpu, cuda or cuda:N (default: the recipe's device).")
+@click.option("--batch-size", type=int, help="Images per batch (default: the recipe's).")
+@click.option("--workers", type=int, help="Data loading processes (default: the recipe's).")
+@user_errors
+def evaluate(checkpoint: str, overrides: tuple[str, ...], split: str | None, tta: str | None, json_path: str | None,
+             device: str | None, batch_size: int | None, workers: int | None) -> None:
+    """Metrics of CHECKPOINT (a .pt file or a run folder) on a split of its dataset."""
+    from tresfinetune.evaluate import evaluate as run_evaluation
+    from tresfinetune.evaluate import evaluation_tables
+
+    result = run_evaluation(checkpoint, overrides, split=split, tta=tta, json_path=json_path, device=device,
+                            batch_size=batch_size, workers=workers)
+    for table in evaluation_tables(result.report):
+        console.print(table)
+    if result.json_path:
+        console.print(f"report written to {result.json_path}", highlight=False)
+    if result.plot:
+        console.print(f"plot written to {result.plot}", highlight=False)
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, type=click.Path())
+@click.option("--checkpoint", "-c", type=click.Path(), help="Checkpoint or run folder (default: latest run in runs/).")
+@click.option("--top-k", default=5, show_default=True, help="Classes shown per image (single-label).")
+@click.option("--threshold", type=float, help="Multi-label: one threshold for all classes instead of the tuned ones; "
+              "single-label: hide classes below this probability.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False), help="Also write predictions: .csv, .json or .jsonl.")
+@click.option("--batch-size", default=32, show_default=True, help="Images per batch.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--workers", default=0, show_default=True, help="Image decoding processes.")
+@user_errors
+def predict(paths: tuple[str, ...], checkpoint: str | None, top_k: int, threshold: float | None, output: str | None,
+            batch_size: int, device: str, workers: int) -> None:
+    """Classify image files and folders of images (recursively) with a trained model."""
+    from tresfinetune.predict import predict as run_prediction
+    from tresfinetune.predict import predictions_table, write_predictions
+
+    result = run_prediction(paths, checkpoint, top_k=top_k, threshold=threshold, batch_size=batch_size,
+                            device=device, workers=workers)
+    if result.predictions:
+        console.print(predictions_table(result, top_k))
+    if result.unreadable:
+        err_console.print(f"[yellow]{len(result.unreadable)} file(s) could not be read and were skipped:[/]")
+        for path, reason in result.unreadable:
+            err_console.print(f"  {path}: {reason}", highlight=False, soft_wrap=True)
+    if not result.predictions:
+        raise UserError(f"none of the {len(result.unreadable)} file(s) could be read as an image")
+    if output:
+        console.print(f"predictions written to {write_predictions(result, output)}", highlight=False)
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("--format", "export_format", type=click.Choice(["onnx", "torchscript"]),
+              help="File format (default: from the --output suffix, .onnx or .pt).")
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="File to write.")
+@user_errors
+def export(checkpoint: str, export_format: str | None, output: str) -> None:
+    """Write CHECKPOINT's model, fused for inference, as ONNX or TorchScript (verified against PyTorch)."""
+    from tresfinetune.export import export_model
+
+    result = export_model(checkpoint, output, export_format)
+    console.print(f"wrote {result.path} ({result.format}, {len(result.metadata['class_names'])} classes, "
+                  f"{result.metadata['input_size']}px)", highlight=False)
+    console.print(f"  fused model vs PyTorch: max difference {result.fused_difference:.1e} (relative)", highlight=False)
+    if result.file_difference is not None:
+        console.print(f"  exported file via {result.runtime} vs PyTorch: max difference "
+                      f"{result.file_difference:.1e} (relative)", highlight=False)
+    else:
+        console.print("  onnxruntime is not installed: the file was checked structurally only", highlight=False)
+
+
+@cli.command()
+@click.option("--model", "model_name", default="tresnet_m", show_default=True, help="Architecture.")
+@click.option("--input-size", default=224, show_default=True, help="Image side in pixels.")
+@click.option("--batch-size", default="32", show_default=True,
+              help="A number, or 'auto': 90% of the largest that fits.")
+@click.option("--amp", is_flag=True, help="Mixed precision (bf16, or fp16 on GPUs without bf16).")
+@click.option("--channels-last", is_flag=True, help="NHWC memory layout.")
+@click.option("--compile", "use_compile", is_flag=True, help="torch.compile the model.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--fused", is_flag=True, help="Measure inference on the fused model (norms folded into convs).")
+@click.option("--steps", default=10, show_default=True, help="Timed steps per measurement.")
+@click.option("--warmup", default=2, show_default=True, help="Untimed steps before them.")
+@click.option("--threads", type=int, help="CPU threads (default: PyTorch's).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the numbers as JSON here.")
+@user_errors
+def benchmark(model_name: str, input_size: int, batch_size: str, amp: bool, channels_last: bool, use_compile: bool,
+              device: str, fused: bool, steps: int, warmup: int, threads: int | None, json_path: str | None) -> None:
+    """Training and inference speed (img/s) and peak memory, like the paper's speed table."""
+    import json
+
+    from tresfinetune.benchmark import benchmark as run_benchmark
+    from tresfinetune.benchmark import benchmark_table, parse_batch_size
+
+    result = run_benchmark(model_name, input_size, parse_batch_size(batch_size), amp=amp, channels_last=channels_last,
+                           compile=use_compile, device=device, fused=fused, warmup=warmup, steps=steps,
+                           threads=threads)
+    console.print(benchmark_table([result]))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result.as_dict(), f, indent=2)
+        console.print(f"numbers written to {json_path}", highlight=False)
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path())
+@click.option("--output", "-o", type=click.Path(file_okay=False), help="Folder for the PNGs (default: the run folder).")
+@user_errors
+def report(run_dir: str, output: str | None) -> None:
+    """PNG plots of RUN_DIR's training loss, validation metric and learning rate per epoch."""
+    from tresfinetune.report import write_report
+
+    for path in write_report(run_dir, output):
+        console.print(f"wrote {path}", highlight=False)
+
+
+@cli.command()
+@user_errors
+def models() -> None:
+    """The TResNet variants: size, cost and pretrained weights tags (use a tag as model.weights)."""
+    from tresfinetune.models import describe_models
+
+    table = Table(title="TResNet models", show_lines=True)
+    table.add_column("model", style="bold")
+    table.add_column("params (M)", justify="right")
+    table.add_column("GFLOPs@224", justify="right")
+    table.add_column("default res", justify="right")
+    table.add_column("pretrained tags (ImageNet top-1 %)")
+    for row in describe_models():
+        tags = []
+        for tag in row["tags"]:
+            details = [f"{tag['top1']:.1f}" if tag["top1"] is not None else None,
+                       f"{tag['input_size']}px" if tag["input_size"] != row["default_resolution"] else None,
+                       tag["note"] or None]
+            details = [d for d in details if d]
+            tags.append(f"{tag['tag']}" + (f" ({', '.join(details)})" if details else ""))
+        table.add_row(row["name"], f"{row['params'] / 1e6:.1f}", f"{row['gflops_224']:.1f}",
+                      str(row["default_resolution"]), "\n".join(tags))
+    console.print(table)
+    console.print("GFLOPs are multiply-adds per 224x224 image, as in the TResNet paper.", highlight=False)
 
 
 def main() -> None:

@@ -32,6 +32,22 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+_world_started = False
+
+
+def error_prefix(shared: bool) -> str | None:
+    """How a rank labels an error it prints, or None to stay quiet.
+
+    Errors before the process group exists (recipe, paths) and errors marked shared are the same on every rank:
+    rank 0 alone prints them. Anything else belongs to one rank and says which.
+    """
+    if not launched_by_torchrun():
+        return ""
+    if shared or not _world_started:
+        return "" if os.environ["RANK"] == "0" else None
+    return f"rank {os.environ['RANK']}: "
+
+
 def init_world(device: torch.device) -> World:
     """Join the process group torchrun describes (NCCL on CUDA, gloo on CPU); a world of one otherwise."""
     if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
@@ -40,6 +56,8 @@ def init_world(device: torch.device) -> World:
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    global _world_started
+    _world_started = True
     return world
 
 
@@ -72,6 +90,15 @@ def any_rank(flag: bool, world: World, device: torch.device) -> bool:
     tensor = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return bool(tensor.item())
+
+
+def broadcast_object(obj: object, world: World) -> object:
+    """Rank 0's value on every rank (e.g. the run folder name, which holds a timestamp)."""
+    if not world.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def barrier(world: World) -> None:

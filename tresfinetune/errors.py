@@ -6,4 +6,12 @@ Anything else that escapes is a bug in tresfinetune.
 
 
 class UserError(Exception):
-    """A problem with the user's input, described in one sentence that says what to do."""
+    """A problem with the user's input, described in one sentence that says what to do.
+
+    `shared=True` marks an error that every process of a torchrun job raises alike (e.g. a NaN loss, which all ranks
+    see together), so that only rank 0 prints it.
+    """
+
+    def __init__(self, message: str, shared: bool = False):
+        super().__init__(message)
+        self.shared = shared

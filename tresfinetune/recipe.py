@@ -311,6 +311,8 @@ def validate(recipe: Recipe) -> None:
     for key in ("epochs", "batch_size", "grad_accum_steps", "val_every"):
         _positive(getattr(recipe, key), key)
     _positive(recipe.workers, "workers", allow_zero=True)
+    if recipe.data.limit is not None:
+        _positive(recipe.data.limit, "data.limit")
     _positive(recipe.optimizer.lr, "optimizer.lr")
     _positive(recipe.optimizer.weight_decay, "optimizer.weight_decay", allow_zero=True)
     _positive(recipe.freeze_backbone_epochs, "freeze_backbone_epochs", allow_zero=True)

@@ -27,7 +27,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from tresfinetune import distributed
-from tresfinetune.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, rng_state, save_atomic, set_rng_state
+from tresfinetune.checkpoint import (
+    CHECKPOINT_FORMAT,
+    deferred_interrupts,
+    load_checkpoint,
+    rng_state,
+    save_atomic,
+    set_rng_state,
+)
 from tresfinetune.datasets import build_loaders
 from tresfinetune.distributed import World
 from tresfinetune.errors import UserError
@@ -205,6 +212,7 @@ def train(
     if world.distributed and device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
+    run_dir = distributed.broadcast_object(run_dir, world)
     try:
         return _train(recipe, run_dir, ckpt, device, world, console, progress and world.is_main)
     finally:
@@ -359,7 +367,7 @@ def _train(
                             ema.update(model)
                         # One host sync per optimizer step: read the loss, check it, commit the step.
                         loss_value = pending_loss.item()
-                        if not math.isfinite(loss_value):
+                        if distributed.any_rank(not math.isfinite(loss_value), world, device):
                             raise _NonFiniteLoss(epoch, step)
                         state["loss_sum"] += loss_value
                         state["loss_count"] += pending_count
@@ -395,27 +403,30 @@ def _train(
                 row["epoch_seconds"] = round(epoch_seconds, 2)
                 row["train_img_per_s"] = round(images_seen * world.size / max(epoch_seconds, 1e-9), 1)
 
-                state.update(epoch=epoch + 1, step=0, loss_sum=0.0, loss_count=0)
-                improved_by = None
-                if candidates:
-                    # The raw weights and their EMA compete; the better one becomes best.pt.
-                    values = {w: row.get(("" if w == "model" else "ema_") + metric_name, -1.0) for w in candidates}
-                    best_now = max(values, key=values.get)
-                    if state["best_metric"] is None or values[best_now] > state["best_metric"]:
-                        state.update(best_metric=values[best_now], best_epoch=epoch + 1, epochs_without_improvement=0)
-                        improved_by = best_now
-                    else:
-                        state["epochs_without_improvement"] += 1
-                if world.is_main:
-                    run_log.add(row)
-                    checkpoint(run_dir / "last.pt")
-                    if improved_by is not None:
-                        thresholds = None
-                        if task == MULTI_LABEL:
-                            thresholds = tune_thresholds(*candidates[improved_by]).tolist()
-                        checkpoint(run_dir / "best.pt", weights_only=True, thresholds=thresholds,
-                                   inference=improved_by)
-                    console.print(_summary_line(row, metric_name, improved_by is not None, recipe.epochs))
+                # The epoch counts as done once its row and last.pt are written; Ctrl-C waits for both.
+                with deferred_interrupts():
+                    state.update(epoch=epoch + 1, step=0, loss_sum=0.0, loss_count=0)
+                    improved_by = None
+                    if candidates:
+                        # The raw weights and their EMA compete; the better one becomes best.pt.
+                        values = {w: row.get(("" if w == "model" else "ema_") + metric_name, -1.0) for w in candidates}
+                        best_now = max(values, key=values.get)
+                        if state["best_metric"] is None or values[best_now] > state["best_metric"]:
+                            state.update(best_metric=values[best_now], best_epoch=epoch + 1)
+                            state["epochs_without_improvement"] = 0
+                            improved_by = best_now
+                        else:
+                            state["epochs_without_improvement"] += 1
+                    if world.is_main:
+                        run_log.add(row)
+                        checkpoint(run_dir / "last.pt")
+                        if improved_by is not None:
+                            thresholds = None
+                            if task == MULTI_LABEL:
+                                thresholds = tune_thresholds(*candidates[improved_by]).tolist()
+                            checkpoint(run_dir / "best.pt", weights_only=True, thresholds=thresholds,
+                                       inference=improved_by)
+                        console.print(_summary_line(row, metric_name, improved_by is not None, recipe.epochs))
                 progress.update(epoch_bar, completed=epoch + 1)
                 distributed.barrier(world)
                 result.best_metric, result.best_epoch = state["best_metric"], state["best_epoch"]
@@ -430,7 +441,8 @@ def _train(
     except _NonFiniteLoss as e:
         raise UserError(
             f"the training loss became NaN/inf at epoch {e.epoch + 1}, batch {e.step + 1}; stopped. The last good "
-            f"checkpoint is {run_dir / 'last.pt'}. Try a lower optimizer.lr, clip_grad_norm: 1.0, or amp: none"
+            f"checkpoint is {run_dir / 'last.pt'}. Try a lower optimizer.lr, clip_grad_norm: 1.0, or amp: none",
+            shared=True,
         ) from None
     finally:
         if run_log is not None:

@@ -1,0 +1,109 @@
+"""torchrun on CPU (gloo): two processes equal one process with the same global batch; two nodes on 127.0.0.1."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tresfinetune.distributed import error_prefix
+
+BASE = {
+    "model": {"name": "tresnet_m", "weights": "none"},
+    "input_size": 32,
+    "data": {"name": "digits", "limit": 64, "val_fraction": 0.25},
+    "transforms": {"train": [{"Resize": {"height": 32, "width": 32}}, {"Affine": {"rotate": [-10, 10]}}],
+                   "val": [{"Resize": {"height": 32, "width": 32}}]},
+    "epochs": 2,
+    "workers": 0,
+    "deterministic": True,
+    "optimizer": {"name": "adamw", "lr": 0.001},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_recipe(path: Path, batch_size: int, **extra) -> Path:
+    path.write_text(yaml.safe_dump({**BASE, "batch_size": batch_size, **extra}))
+    return path
+
+
+def torchrun(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
+    one = torchrun("--standalone", "--nproc_per_node=1", "-m", "tresfinetune", "train",
+                   str(write_recipe(tmp_path / "one.yaml", 16, sync_bn=True)), "-o", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stdout + one.stderr
+    two = torchrun("--standalone", "--nproc_per_node=2", "-m", "tresfinetune", "train",
+                   str(write_recipe(tmp_path / "two.yaml", 8, sync_bn=True)), "-o", str(tmp_path / "two"))
+    assert two.returncode == 0, two.stdout + two.stderr
+    assert "per process, effective 16" in two.stdout
+
+    # One set of rows and checkpoints, written by rank 0 alone.
+    assert [r["epoch"] for r in rows(tmp_path / "two")] == [1, 2]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir() if p.suffix == ".pt") == ["best.pt", "last.pt"]
+    assert two.stdout.count("epoch 2/2") == 1
+
+    a = torch.load(tmp_path / "one" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "two" / "last.pt", weights_only=True)["model"]
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+    for ours, theirs in zip(rows(tmp_path / "two"), rows(tmp_path / "one"), strict=True):
+        assert ours["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-4)
+        assert ours["val_top1"] == pytest.approx(theirs["val_top1"], abs=1e-6)  # every val image counted once
+
+
+@pytest.mark.slow
+def test_two_nodes_on_localhost(tmp_path):
+    recipe = str(write_recipe(tmp_path / "r.yaml", 8, epochs=1))
+    port = str(free_port())
+    common = ["--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+              "--rdzv-id=test", "-m", "tresfinetune", "train", recipe, "-o", str(tmp_path / "run")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    nodes = [
+        subprocess.Popen([sys.executable, "-m", "torch.distributed.run", f"--node_rank={rank}", *common],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        for rank in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=400)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    assert [r["epoch"] for r in rows(tmp_path / "run")] == [1]
+    assert "x2" in outputs[0] + outputs[1]
+
+
+def test_errors_are_printed_once(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert error_prefix(shared=False) == ""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert error_prefix(shared=True) is None  # rank 0 prints it
+    assert error_prefix(shared=False) is None  # before the group exists every rank fails alike
+    monkeypatch.setenv("RANK", "0")
+    assert error_prefix(shared=False) == ""
+
+
+def test_a_recipe_error_under_torchrun_is_shown_once(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epohcs: 3\n")
+    result = torchrun("--standalone", "--nproc_per_node=2", "-m", "tresfinetune", "train", str(bad), timeout=120)
+    assert result.returncode != 0
+    assert (result.stdout + result.stderr).count("did you mean 'epochs'") == 1

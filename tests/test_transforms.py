@@ -1,0 +1,132 @@
+"""Augmentation pipelines: recipe validation, defaults by input size, Cutout / RandAugment, seeding."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from tresfinetune.datasets.transforms import Cutout, RandAugment, build_transforms, default_spec, validate_pipeline
+from tresfinetune.errors import UserError
+from tresfinetune.recipe import recipe_from_dict
+
+
+def recipe(**raw):
+    return recipe_from_dict({"model": {"name": "tresnet_m"}, **raw})
+
+
+def photo(height: int = 60, width: int = 80, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ([{"RandomResizeCrop": {"size": [8, 8]}}], r"transforms.train\[0\]: unknown transform 'RandomResizeCrop'; "
+                                               r"did you mean 'RandomResizedCrop'\?"),
+    (["HorizontalFlip", {"RandomResizedCrop": {"sise": [8, 8]}}], r"\[1\]: unknown argument 'sise' for "
+                                                                  r"RandomResizedCrop; did you mean 'size'\?"),
+    ([{"RandomResizedCrop": {"size": 448}}], r"\[0\]: bad arguments for RandomResizedCrop: argument 'size'"),
+    ([{"HorizontalFlip": {"p": 1.5}}], r"argument 'p'.*less than or equal to 1"),
+    ([{"Cutout": {"size": 2}}], r"bad arguments for Cutout: size must be a fraction"),
+    ([{"Cutout": {"colour": "red"}}], r"unknown argument 'colour' for Cutout; valid arguments: p, size, fill"),
+    ([{"OneOf": {"transforms": ["Blurr"]}}], r"\[0\].transforms\[0\]: unknown transform 'Blurr'"),
+    (["Normalize"], r"remove 'Normalize'"),
+    ([{"HorizontalFlip": 0.5}], r"arguments of 'HorizontalFlip' must be a mapping"),
+    ({"HorizontalFlip": {}}, r"must be a list"),
+])
+def test_validate_pipeline_names_the_bad_entry(spec, message):
+    with pytest.raises(UserError, match=message):
+        validate_pipeline(spec, where="transforms.train")
+
+
+def test_recipe_loading_validates_transforms():
+    good = recipe(transforms={"train": [{"RandomResizedCrop": {"size": [64, 64]}}, "HorizontalFlip",
+                                        {"Cutout": {"p": 0.5}}, {"RandAugment": {"num_ops": 2, "magnitude": 9}}]})
+    assert len(good.transforms.train) == 4
+    with pytest.raises(UserError, match=r"transforms.val\[0\]: unknown transform"):
+        recipe(transforms={"val": [{"CentreCrop": {"height": 8, "width": 8}}]})
+
+
+def test_default_eval_at_224_resizes_shorter_side_then_centre_crops():
+    pipeline = build_transforms(recipe(input_size=224, data={"name": "folder"}), train=False)
+    image = photo(300, 400)
+    expected = cv2.resize(image, (341, 256), interpolation=cv2.INTER_LINEAR)[16:240, 58:282]  # 256 = 224 / 0.875
+    out = pipeline(image)
+    assert out.shape == (3, 224, 224) and out.dtype == torch.float32
+    assert torch.allclose(out, torch.from_numpy(expected).permute(2, 0, 1).float() / 255, atol=1 / 255 + 1e-6)
+
+
+def test_default_eval_at_448_squishes_and_multilabel_always_squishes():
+    assert default_spec(448, train=False) == [{"Resize": {"height": 448, "width": 448}}]
+    assert default_spec(224, train=False, multi_label=True) == [{"Resize": {"height": 224, "width": 224}}]
+    pipeline = build_transforms(recipe(input_size=64, data={"name": "voc2007"}), train=False)
+    image = photo(30, 90)
+    expected = cv2.resize(image, (64, 64), interpolation=cv2.INTER_LINEAR)
+    assert torch.allclose(pipeline(image), torch.from_numpy(expected).permute(2, 0, 1).float() / 255, atol=1e-6)
+
+
+def test_default_train_pipelines():
+    single = default_spec(224, train=True)
+    assert single[0]["RandomResizedCrop"]["size"] == [224, 224] and {"HorizontalFlip": {"p": 0.5}} in single
+    assert "Cutout" in str(default_spec(448, train=True, multi_label=True))
+    digits = build_transforms(recipe(input_size=32, data={"name": "digits"}), train=True)
+    assert "HorizontalFlip" not in repr(digits)  # mirrored digits are other digits
+    out = digits(photo(32, 32))
+    assert out.shape == (3, 32, 32) and out.min() >= 0 and out.max() <= 1
+
+
+def test_mean_and_std_are_applied():
+    pipeline = build_transforms(recipe(input_size=32, data={"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.5, 1.0]},
+                                       transforms={"val": [{"Resize": {"height": 32, "width": 32}}]}), train=False)
+    out = pipeline(np.full((32, 32, 3), 255, np.uint8))
+    assert torch.allclose(out[:, 0, 0], torch.tensor([2.0, 1.0, 0.5]))
+
+
+def test_pipeline_must_end_at_input_size():
+    with pytest.raises(UserError, match=r"transforms.train makes .* images but input_size is 64; end the list"):
+        build_transforms(recipe(input_size=64, transforms={"train": ["HorizontalFlip"]}), train=True)
+
+
+def test_reseed_makes_augmentation_a_function_of_the_keys():
+    pipeline = build_transforms(recipe(input_size=32, transforms={"train": [
+        {"RandomResizedCrop": {"size": [32, 32]}}, "HorizontalFlip", {"RandAugment": {"magnitude": 9}},
+        {"Cutout": {"p": 0.5}}]}), train=True)
+    image = photo(50, 70)
+    outputs = {}
+    for keys in [(0, 0, 1), (0, 0, 1), (0, 1, 1), (1, 0, 1), (0, 0, 2)]:
+        pipeline.reseed(*keys)
+        out = pipeline(image)
+        if keys in outputs:
+            assert torch.equal(out, outputs[keys])
+        outputs[keys] = out
+    assert len({o.numpy().tobytes() for o in outputs.values()}) == 4
+
+
+def test_cutout_cuts_one_half_size_box_of_one_colour():
+    image = np.zeros((40, 60, 3), np.uint8)
+    cutout = Cutout(p=1.0)
+    cutout.set_random_seed(3)
+    for _ in range(5):
+        out = cutout(image=image)["image"]
+        changed = np.argwhere((out != 0).any(axis=2))
+        (top, left), (bottom, right) = changed.min(axis=0), changed.max(axis=0)
+        assert (bottom - top + 1, right - left + 1) == (20, 30)
+        box = out[top:bottom + 1, left:right + 1].reshape(-1, 3)
+        assert (box == box[0]).all()  # a single random colour
+    assert (Cutout(p=0.0)(image=image)["image"] == 0).all()
+
+
+def test_randaugment_policy_runs_at_every_magnitude():
+    image = photo(48, 48)
+    for magnitude in (0, 5, 10):
+        policy = RandAugment(num_ops=3, magnitude=magnitude)
+        policy.set_random_seed(0)
+        changed = 0
+        for _ in range(10):
+            out = policy(image=image)["image"]
+            assert out.shape == image.shape and out.dtype == np.uint8
+            changed += not np.array_equal(out, image)
+        if magnitude:
+            assert changed > 0
+    with pytest.raises(ValueError, match="magnitude"):
+        RandAugment(magnitude=11)

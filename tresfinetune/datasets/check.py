@@ -1,0 +1,168 @@
+"""`tresfinetune data check`: read every image of a dataset once and summarise what training will see.
+
+The report is a plain dict (written as JSON by --json):
+    {"task": ..., "splits": {NAME: {"images": N, "classes": K, "unreadable": U, "per_class": {...},
+     "smallest_class": [name, n], "largest_class": [name, n], "also_in": {OTHER_SPLIT: n}}}, "unreadable": [paths]}
+"images" counts the readable images, "classes" the classes with at least one of them; "also_in" counts images whose
+content also appears in another split (same bytes, whatever the file name).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import cv2
+import numpy as np
+from rich.progress import Progress
+from rich.table import Table
+
+from tresfinetune.datasets.images import UnreadableImage, load_image
+from tresfinetune.datasets.source import MULTI_LABEL, DataSource, Sample
+
+if TYPE_CHECKING:
+    from tresfinetune.recipe import Recipe
+
+log = logging.getLogger("tresfinetune")
+
+
+def _inspect(image: Any) -> tuple[str | None, str | None]:
+    """(content hash, None) for a readable image, (None, reason) for an unreadable one."""
+    if not isinstance(image, str):
+        return hashlib.md5(np.ascontiguousarray(image).tobytes()).hexdigest(), None
+    try:
+        with open(image, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        return None, e.strerror or str(e)
+    # A reduced-size decode still walks all of a JPEG's data, so it finds broken files at a fraction of the cost.
+    if data and cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_REDUCED_COLOR_4) is None:
+        try:
+            load_image(image)  # Pillow may read what OpenCV cannot
+        except UnreadableImage as e:
+            return None, e.reason
+    elif not data:
+        return None, "empty file"
+    return hashlib.md5(data).hexdigest(), None
+
+
+def _label_names(sample: Sample, source: DataSource) -> list[str]:
+    if source.task == MULTI_LABEL:
+        return [source.class_names[i] for i in np.flatnonzero(np.asarray(sample.target))]
+    return [source.class_names[int(sample.target)]]
+
+
+def check_data(recipe: Recipe, source: DataSource | None = None, threads: int | None = None,
+               show_progress: bool = False) -> dict:
+    """Read every image of every split once; the report described in the module docstring."""
+    from tresfinetune.datasets import build_source
+
+    source = source or build_source(recipe.data)
+    threads = threads or min(16, os.cpu_count() or 1)
+    report: dict[str, Any] = {"task": source.task, "splits": {}, "unreadable": []}
+    hashes: dict[str, set[str]] = {}
+    with Progress(transient=True, disable=not show_progress) as progress, ThreadPoolExecutor(threads) as pool:
+        for split in source.splits:
+            samples = source.splits[split]
+            task = progress.add_task(f"reading {split}", total=len(samples))
+            per_class: Counter[str] = Counter({name: 0 for name in source.class_names})
+            split_hashes: set[str] = set()
+            unreadable = 0
+            no_labels = 0
+            # OpenCV decodes without the GIL, so threads read images in parallel.
+            for sample, (digest, reason) in zip(samples, pool.map(_inspect, (s.image for s in samples)), strict=True):
+                progress.advance(task)
+                if digest is None:
+                    unreadable += 1
+                    report["unreadable"].append(sample.image)
+                    log.debug("unreadable: %s (%s)", sample.image, reason)
+                    continue
+                split_hashes.add(digest)
+                labels = _label_names(sample, source)
+                no_labels += not labels
+                per_class.update(labels)
+            hashes[split] = split_hashes
+            present = {name: n for name, n in per_class.items() if n}
+            entry: dict[str, Any] = {
+                "images": len(samples) - unreadable,
+                "classes": len(present),
+                "unreadable": unreadable,
+                "per_class": dict(per_class),
+                "smallest_class": list(min(per_class.items(), key=lambda kv: kv[1])) if per_class else None,
+                "largest_class": list(max(per_class.items(), key=lambda kv: kv[1])) if per_class else None,
+            }
+            if source.task == MULTI_LABEL:
+                entry["images_without_labels"] = no_labels
+            report["splits"][split] = entry
+    for split, entry in report["splits"].items():
+        entry["also_in"] = {other: len(hashes[split] & hashes[other]) for other in hashes
+                            if other != split and hashes[split] & hashes[other]}
+    return report
+
+
+def summary_table(report: dict, title: str = "") -> Table:
+    """The report as a rich table, one row per split."""
+    table = Table(title=title or f"{report['task']} dataset")
+    for column in ("split", "images", "classes", "smallest class", "largest class", "unreadable", "also in"):
+        table.add_column(column, justify="left" if column in ("split", "also in") else "right")
+    for split, entry in report["splits"].items():
+        smallest, largest = entry["smallest_class"], entry["largest_class"]
+        also = ", ".join(f"{other}: {n}" for other, n in entry["also_in"].items())
+        table.add_row(split, str(entry["images"]), str(entry["classes"]),
+                      f"{smallest[0]} ({smallest[1]})" if smallest else "",
+                      f"{largest[0]} ({largest[1]})" if largest else "",
+                      f"[red]{entry['unreadable']}[/]" if entry["unreadable"] else "0",
+                      f"[yellow]{also}[/]" if also else "")
+    return table
+
+
+def write_preview(recipe: Recipe, path: str | os.PathLike, source: DataSource | None = None, count: int = 16) -> Path:
+    """A PNG grid of `count` augmented training samples (epoch 0's first ones), titled with their labels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tresfinetune.datasets import build_source
+    from tresfinetune.datasets.loaders import ImageDataset, TrainSampler
+    from tresfinetune.datasets.transforms import build_transforms
+    from tresfinetune.errors import UserError
+
+    source = source or build_source(recipe.data)
+    samples = source.split(recipe.data.train_split)
+    pipeline = build_transforms(recipe, train=True)
+    dataset = ImageDataset(samples, pipeline, source.task, recipe.seed)
+    shown = []
+    for index, epoch in TrainSampler(len(samples), recipe.seed):
+        if len(shown) == count:
+            break
+        try:
+            pixels = dataset.load(index)
+        except UnreadableImage:
+            continue
+        pipeline.reseed(recipe.seed, epoch, index)
+        shown.append((pipeline.augment(pixels), ", ".join(_label_names(samples[index], source)) or "(none)"))
+    if not shown:
+        raise UserError(f"no readable training images to preview in split '{recipe.data.train_split}'")
+    columns = int(np.ceil(np.sqrt(len(shown))))
+    rows = int(np.ceil(len(shown) / columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.4 * rows), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, (image, label) in zip(axes.flat, shown, strict=False):
+        axis.imshow(image if image.dtype == np.uint8 else np.clip(image, 0, 1))  # albumentations floats are 0..1
+        axis.set_title(label if len(label) <= 40 else label[:37] + "...", fontsize=8)
+    figure.tight_layout()
+    path = Path(path).expanduser()
+    try:
+        figure.savefig(path, dpi=100)
+    except OSError as e:
+        raise UserError(f"cannot write preview '{path}': {e.strerror or e}") from None
+    finally:
+        plt.close(figure)
+    return path

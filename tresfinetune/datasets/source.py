@@ -1,0 +1,168 @@
+"""What every dataset source produces, the registry of sources, and helpers they share.
+
+A source turns `data.root` (in whatever layout the user has) into a `DataSource`: the task, the class names and the
+samples of each split. A sample is `(image, target)`: the image is a file path or an RGB uint8 array, the target an
+int class index (single-label) or a float32 multi-hot vector (multi-label). Splits load on first use, so a source
+with a huge split (COCO train) costs nothing until that split is asked for.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from tresfinetune.errors import UserError
+
+log = logging.getLogger("tresfinetune")
+
+SINGLE_LABEL = "single-label"
+MULTI_LABEL = "multi-label"
+
+
+class Sample(NamedTuple):
+    image: Any  # str path, or np.ndarray (H, W, 3) uint8 RGB
+    target: Any  # int (single-label) or np.ndarray float32 multi-hot (multi-label)
+
+
+class LazySplits(Mapping):
+    """Split name -> list of samples, each built by its loader function the first time it is read."""
+
+    def __init__(self, loaders: dict[str, Callable[[], list[Sample]]]):
+        self._loaders = dict(loaders)
+        self._loaded: dict[str, list[Sample]] = {}
+
+    def __getitem__(self, name: str) -> list[Sample]:
+        if name not in self._loaded:
+            self._loaded[name] = self._loaders[name]()
+        return self._loaded[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._loaders)
+
+    def __len__(self) -> int:
+        return len(self._loaders)
+
+    def __repr__(self) -> str:
+        return f"LazySplits({list(self._loaders)})"
+
+
+@dataclass
+class DataSource:
+    task: str  # "single-label" | "multi-label"
+    class_names: list[str]
+    splits: Mapping[str, list[Sample]]
+    # Other names users know a split by (e.g. CIFAR's "test" is our "val"); not listed in `splits`.
+    aliases: dict[str, str] = field(default_factory=dict)
+    name: str = ""
+    limit: int | None = None  # data.limit: at most this many samples per split, a seeded subset in original order
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def split(self, name: str) -> list[Sample]:
+        """The samples of split `name` (or an alias of one); UserError listing the available splits otherwise."""
+        resolved = self.aliases.get(name, name)
+        if resolved not in self.splits:
+            available = ", ".join(list(self.splits) + [f"{a} (= {b})" for a, b in self.aliases.items()])
+            close = difflib.get_close_matches(name, list(self.splits) + list(self.aliases), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise UserError(f"dataset '{self.name}' has no split '{name}'; available: {available}{hint}")
+        samples = self.splits[resolved]
+        if self.limit is not None and len(samples) > self.limit:
+            keep = np.sort(np.random.default_rng(0).choice(len(samples), self.limit, replace=False))
+            samples = [samples[i] for i in keep]
+        return samples
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    build: Callable[..., DataSource]
+    task: str
+    # Default-augmentation hints: whether horizontal flips keep the label (not for digits), and the smallest crop
+    # area of the default RandomResizedCrop (None: the general default).
+    hflip: bool = True
+    crop_scale: tuple[float, float] | None = None
+
+
+_REGISTRY: dict[str, SourceInfo] = {}
+
+
+def register(name: str, task: str, hflip: bool = True, crop_scale: tuple[float, float] | None = None) -> Callable:
+    def add(build: Callable[..., DataSource]) -> Callable[..., DataSource]:
+        _REGISTRY[name] = SourceInfo(build, task, hflip, crop_scale)
+        return build
+
+    return add
+
+
+def source_info(name: str) -> SourceInfo:
+    if name not in _REGISTRY:
+        raise UserError(f"unknown dataset '{name}'; available: {', '.join(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def registered_names() -> list[str]:
+    return list(_REGISTRY)
+
+
+# ---- helpers shared by the sources ------------------------------------------------------------------------------
+
+
+def require_root(root: str | None, dataset: str) -> Path:
+    """data.root expanded; UserError when it is unset, missing or empty."""
+    if not root:
+        raise UserError(f"dataset '{dataset}' needs data.root: set it in the recipe or with --set data.root=PATH")
+    path = Path(root).expanduser()
+    if not path.exists():
+        raise UserError(f"data.root '{path}' does not exist; check the path (or set data.download: true where "
+                        "supported)")
+    if not path.is_dir():
+        raise UserError(f"data.root '{path}' is a file; point it at the dataset's folder")
+    if not any(path.iterdir()):
+        raise UserError(f"data.root '{path}' is empty; put the dataset there (or set data.download: true where "
+                        "supported)")
+    return path
+
+
+def find_dataset_dir(root: Path, folder_name: str, marker: str) -> Path | None:
+    """The folder holding `marker`: root itself or root/folder_name (root may be the unpacked folder or its parent)."""
+    for candidate in (root, root / folder_name):
+        if (candidate / marker).exists():
+            return candidate
+    return None
+
+
+def multi_hot(indices: list[int] | set[int], num_classes: int) -> np.ndarray:
+    target = np.zeros(num_classes, dtype=np.float32)
+    target[list(indices)] = 1.0
+    return target
+
+
+def seeded_split(labels: list[int] | None, count: int, val_fraction: float,
+                 seed: int = 0) -> tuple[list[int], list[int]]:
+    """Indices (train, val): stratified by `labels` when given (each class with 2+ samples keeps 1+ on each side).
+
+    The seed is fixed rather than the recipe's so runs with different training seeds validate on the same images.
+    """
+    rng = np.random.default_rng(seed)
+    if labels is None:
+        order = rng.permutation(count)
+        n_val = min(max(1, round(count * val_fraction)), count - 1) if count > 1 else 0
+        return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
+    train, val = [], []
+    by_class: dict[int, list[int]] = {}
+    for index, label in enumerate(labels):
+        by_class.setdefault(label, []).append(index)
+    for label in sorted(by_class):
+        members = np.array(by_class[label])[rng.permutation(len(by_class[label]))]
+        n_val = min(max(1, round(len(members) * val_fraction)), len(members) - 1) if len(members) > 1 else 0
+        val.extend(members[:n_val].tolist())
+        train.extend(members[n_val:].tolist())
+    return sorted(train), sorted(val)

@@ -1,0 +1,263 @@
+"""Augmentation pipelines built from recipes, with albumentations.
+
+A recipe lists transforms by albumentations class name: `- RandomResizedCrop: {size: [224, 224], scale: [0.25, 1]}`,
+or just `- HorizontalFlip` for the defaults. Compositions nest: `- OneOf: {transforms: [...], p: 0.5}`. Two extras are
+available by name: `Cutout` (ASL's half-size box of one random colour) and `RandAugment` (N ops from a fixed list of
+albumentations ops, each at up to magnitude M). Every pipeline ends by converting to a float CHW tensor in [0, 1],
+then (x - mean) / std with data.mean / data.std (TResNet's weights want neither, so both default to 0 / 1).
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import random
+import re
+import warnings
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import albumentations as A
+import numpy as np
+import torch
+
+from tresfinetune.errors import UserError
+
+if TYPE_CHECKING:
+    from tresfinetune.recipe import Recipe
+
+# Single-label evaluation below this size resizes the shorter side to size / CROP_FRACTION and centre-crops (the
+# ImageNet 224 protocol); at this size and above the authors squish-resize the whole image (their 448 protocol).
+SQUISH_FROM_SIZE = 320
+CROP_FRACTION = 0.875
+# Smallest crop area for the default RandomResizedCrop; ImageNet's 0.08 is harsh for small, low-resolution sets.
+DEFAULT_CROP_SCALE = (0.25, 1.0)
+
+
+# ---- custom transforms usable by name in recipes ----------------------------------------------------------------
+
+FILL_CHOICES = ("random", "noise", "grey")
+
+
+def Cutout(p: float = 0.5, size: float = 0.5, fill: str | float | list = "random") -> A.CoarseDropout:  # noqa: N802
+    """ASL-style cutout: with probability p, one box of `size` times the image's height and width, filled with one
+    random colour ("random"), per-pixel noise ("noise"), mid grey ("grey") or a given value / RGB triple."""
+    if not 0 < size <= 1:
+        raise ValueError(f"size must be a fraction of the image in (0, 1], got {size}")
+    if isinstance(fill, str):
+        if fill not in FILL_CHOICES:
+            raise ValueError(f"fill must be one of {', '.join(FILL_CHOICES)} or a number / RGB list, got {fill!r}")
+        fill_value = {"random": "random_uniform", "noise": "random", "grey": 128}[fill]
+    else:
+        fill_value = tuple(fill) if isinstance(fill, list) else fill
+    return A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=(size, size), hole_width_range=(size, size),
+                           fill=fill_value, p=p)
+
+
+def RandAugment(num_ops: int = 2, magnitude: float = 9, p: float = 1.0) -> A.SomeOf:  # noqa: N802
+    """RandAugment-style policy: `num_ops` ops drawn (with replacement) from the list below, each with a strength
+    drawn uniformly up to `magnitude` on a 0-10 scale (10 = the largest strength of the original policy)."""
+    if not 0 <= magnitude <= 10:
+        raise ValueError(f"magnitude must be between 0 and 10, got {magnitude}")
+    if num_ops < 1:
+        raise ValueError(f"num_ops must be at least 1, got {num_ops}")
+    m = magnitude / 10
+    grey = 128  # border fill of the geometric ops, as in the original policy
+    ops = [
+        A.NoOp(p=1),
+        A.AutoContrast(p=1),
+        A.Equalize(p=1),
+        A.Rotate(limit=(-30 * m, 30 * m), fill=grey, p=1),
+        A.Solarize(threshold_range=(1 - m, 1.0), p=1),
+        A.Posterize(num_bits=(8 - int(4 * m), 8), p=1),
+        A.ColorJitter(brightness=0, contrast=0, saturation=(1 - 0.9 * m, 1 + 0.9 * m), hue=0, p=1),
+        A.RandomBrightnessContrast(brightness_limit=0, contrast_limit=0.9 * m, p=1),
+        A.RandomBrightnessContrast(brightness_limit=0.9 * m, contrast_limit=0, p=1),
+        A.Sharpen(alpha=(0, 0.9 * m), lightness=(1, 1), p=1),
+        A.Affine(shear={"x": (-17 * m, 17 * m), "y": (0, 0)}, fill=grey, p=1),
+        A.Affine(shear={"x": (0, 0), "y": (-17 * m, 17 * m)}, fill=grey, p=1),
+        A.Affine(translate_percent={"x": (-0.45 * m, 0.45 * m), "y": (0, 0)}, fill=grey, p=1),
+        A.Affine(translate_percent={"x": (0, 0), "y": (-0.45 * m, 0.45 * m)}, fill=grey, p=1),
+    ]
+    return A.SomeOf(ops, n=num_ops, replace=True, p=p)
+
+
+CUSTOM_TRANSFORMS: dict[str, Callable[..., Any]] = {"Cutout": Cutout, "RandAugment": RandAugment}
+# Added by the pipeline itself from data.mean / data.std; listing them would apply them twice.
+AUTOMATIC = {"Normalize", "ToTensorV2", "ToTensor"}
+
+
+def _albumentations_names() -> list[str]:
+    return [name for name, obj in vars(A).items()
+            if inspect.isclass(obj) and issubclass(obj, (A.BasicTransform, A.BaseCompose)) and not name.startswith("_")]
+
+
+def _resolve(name: str, where: str) -> Callable[..., Any]:
+    if name in AUTOMATIC:
+        raise UserError(f"{where}: remove '{name}'; the pipeline converts to a tensor and applies data.mean / data.std "
+                        "itself")
+    if name in CUSTOM_TRANSFORMS:
+        return CUSTOM_TRANSFORMS[name]
+    obj = getattr(A, name, None)
+    if inspect.isclass(obj) and issubclass(obj, (A.BasicTransform, A.BaseCompose)):
+        return obj
+    known = _albumentations_names() + list(CUSTOM_TRANSFORMS)
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else " (names are albumentations class names, e.g. HorizontalFlip)"
+    raise UserError(f"{where}: unknown transform '{name}'{hint}")
+
+
+def _explain(error: Exception) -> str:
+    """albumentations' pydantic error text -> 'argument: problem' parts on one line."""
+    text = str(error)
+    lines = [line for line in text.splitlines() if line.strip() and "errors.pydantic.dev" not in line]
+    if lines and re.match(r"\d+ validation errors? for", lines[0]):
+        parts = []
+        for field_name, problem in zip(lines[1::2], lines[2::2], strict=False):
+            if problem.strip().startswith("Field required"):
+                parts.append(f"argument '{field_name.strip()}' is required")
+                continue
+            problem = re.sub(r"\s*\[type=.*?(input_value=(.*?), input_type.*)?\]$", r" (got \2)", problem.strip())
+            problem = problem.replace(" (got )", "").removeprefix("Value error, ")
+            parts.append(f"argument '{field_name.strip()}': {problem}")
+        return "; ".join(parts)
+    return " ".join(lines)
+
+
+def _parse_entry(entry: Any, where: str) -> tuple[str, dict]:
+    if isinstance(entry, str):
+        return entry, {}
+    if isinstance(entry, dict) and len(entry) == 1:
+        ((name, args),) = entry.items()
+        if args is None:
+            args = {}
+        if not isinstance(args, dict):
+            raise UserError(f"{where}: the arguments of '{name}' must be a mapping like {{p: 0.5}}, got {args!r}")
+        return str(name), dict(args)
+    raise UserError(f"{where}: each transform must be a name or a one-key mapping like "
+                    f"'- RandomResizedCrop: {{size: [224, 224]}}', got {entry!r}")
+
+
+def _build_one(entry: Any, where: str) -> Any:
+    name, args = _parse_entry(entry, where)
+    factory = _resolve(name, where)
+    if inspect.isclass(factory) and issubclass(factory, A.BaseCompose):
+        children = args.get("transforms")
+        if not isinstance(children, list):
+            raise UserError(f"{where}: {name} needs 'transforms': a list of transforms")
+        args["transforms"] = [_build_one(child, f"{where}.transforms[{i}]") for i, child in enumerate(children)]
+    parameters = inspect.signature(factory).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    valid = [n for n in parameters if n not in ("self", "args", "kwargs", "strict")]
+    for arg in args:
+        if not takes_any and arg not in valid or arg == "strict":
+            close = difflib.get_close_matches(arg, valid, n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid arguments: {', '.join(valid)}"
+            raise UserError(f"{where}: unknown argument '{arg}' for {name}{hint}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return factory(**args)
+    except UserError:
+        raise
+    except Exception as e:  # albumentations reports bad values as ValueError / TypeError / pydantic errors
+        raise UserError(f"{where}: bad arguments for {name}: {_explain(e)}") from None
+
+
+def build_pipeline_list(spec: list, where: str) -> list:
+    """Construct the albumentations objects of a recipe list; UserError naming the entry at the first problem."""
+    if not isinstance(spec, list):
+        raise UserError(f"{where} must be a list of transforms, got {spec!r}")
+    return [_build_one(entry, f"{where}[{i}]") for i, entry in enumerate(spec)]
+
+
+def validate_pipeline(spec: list, where: str) -> None:
+    """Check a recipe's transform list by constructing it (cheap); UserError naming the bad entry."""
+    build_pipeline_list(spec, where)
+
+
+# ---- defaults -----------------------------------------------------------------------------------------------------
+
+
+def default_spec(input_size: int, train: bool, multi_label: bool = False, hflip: bool = True,
+                 crop_scale: tuple[float, float] | None = None) -> list:
+    """The recipe-format transform list used when the recipe gives none."""
+    s = input_size
+    if not train:
+        if multi_label or s >= SQUISH_FROM_SIZE:
+            return [{"Resize": {"height": s, "width": s}}]
+        return [{"SmallestMaxSize": {"max_size": round(s / CROP_FRACTION)}}, {"CenterCrop": {"height": s, "width": s}}]
+    flip = [{"HorizontalFlip": {"p": 0.5}}] if hflip else []
+    if multi_label:  # ASL: whole image squished, so no labelled object is cropped away
+        return [{"Resize": {"height": s, "width": s}}, *flip, {"Cutout": {"p": 0.5}}]
+    return [{"RandomResizedCrop": {"size": [s, s], "scale": list(crop_scale or DEFAULT_CROP_SCALE)}}, *flip]
+
+
+# ---- the callable pipeline ----------------------------------------------------------------------------------------
+
+
+class Pipeline:
+    """numpy HWC uint8 RGB -> torch CHW float32, (x / 255 - mean) / std."""
+
+    def __init__(self, transforms: list, mean: list[float], std: list[float]):
+        self.compose = A.Compose(transforms)
+        std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self.scale = 1.0 / std_t
+        self.shift = -torch.tensor(mean, dtype=torch.float32).view(3, 1, 1) / std_t
+        self.plain = all(m == 0 for m in mean) and all(v == 1 for v in std)
+
+    def reseed(self, *keys: int) -> None:
+        """Make the random draws of the next calls a function of `keys` only (e.g. seed, epoch, sample index)."""
+        generator = np.random.default_rng([k & 0xFFFFFFFF for k in keys])
+        self.compose.set_random_state(generator, random.Random(int(generator.integers(2**63))))
+
+    def augment(self, image: np.ndarray) -> np.ndarray:
+        """The albumentations part only: HWC uint8 in, HWC out (for previews)."""
+        return self.compose(image=image)["image"]
+
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        out = self.augment(image)
+        if out.ndim == 2:
+            out = out[:, :, None].repeat(3, axis=2)
+        # A CHW view of the HWC pixels, converted in place: no relayout here, since batching copies every image
+        # into the (contiguous) batch anyway; a contiguous copy per image costs as much as the rest of the pipeline.
+        tensor = torch.from_numpy(np.ascontiguousarray(out)).permute(2, 0, 1).float()
+        if out.dtype == np.uint8:
+            tensor.mul_(1.0 / 255.0)
+        if not self.plain:
+            tensor.mul_(self.scale).add_(self.shift)
+        return tensor
+
+    def __repr__(self) -> str:
+        return f"Pipeline({self.compose.transforms})"
+
+
+def transform_spec(recipe: Recipe, train: bool) -> list:
+    """The recipe's transform list for train / val, or the default for its input size and dataset."""
+    from tresfinetune.datasets.source import MULTI_LABEL, source_info
+
+    spec = recipe.transforms.train if train else recipe.transforms.val
+    if spec is not None:
+        return spec
+    info = source_info(recipe.data.name)
+    return default_spec(recipe.input_size, train, multi_label=info.task == MULTI_LABEL, hflip=info.hflip,
+                        crop_scale=info.crop_scale)
+
+
+def build_transforms(recipe: Recipe, train: bool) -> Pipeline:
+    """The training or evaluation pipeline of a recipe; UserError if it does not produce input_size squares."""
+    where = f"transforms.{'train' if train else 'val'}"
+    pipeline = Pipeline(build_pipeline_list(transform_spec(recipe, train), where), recipe.data.mean, recipe.data.std)
+    # Batches need one size; check on an odd-shaped image that the list ends at input_size x input_size.
+    size = recipe.input_size
+    probe = np.random.default_rng(0).integers(0, 256, (size + 37, size * 5 // 4 + 11, 3), dtype=np.uint8)
+    pipeline.reseed(0)
+    try:
+        shape = tuple(pipeline(probe).shape)
+    except Exception as e:
+        raise UserError(f"{where} failed on a test image: {_explain(e)}") from None
+    expected = (3, recipe.input_size, recipe.input_size)
+    if shape != expected:
+        raise UserError(f"{where} makes {shape[1]}x{shape[2]} images but input_size is {recipe.input_size}; end the "
+                        f"list with a resize or crop to {recipe.input_size}x{recipe.input_size}")
+    return pipeline
