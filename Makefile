@@ -21,7 +21,8 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check tresfinetune tests benchmarks
-	$(BIN)/python -m pytest -q
+	# Passive OpenMP threads: test subprocesses share 2 cores without spinning against each other.
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check tresfinetune tests benchmarks

@@ -213,5 +213,5 @@ def test_resume_errors_are_clear(tmp_path):
     with pytest.raises(UserError, match="holds no checkpoint"):
         train(resume=tmp_path)
     (tmp_path / "last.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(UserError, match="not a readable checkpoint"):
+    with pytest.raises(UserError, match="damaged or not a PyTorch"):
         train(resume=tmp_path / "last.pt")

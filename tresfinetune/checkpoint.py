@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pickle
 import random
 import signal
 import tempfile
 import threading
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -65,15 +63,10 @@ def save_atomic(obj: Any, path: str | Path) -> None:
 
 def load_checkpoint(path: str | Path) -> dict:
     """Read a tresfinetune checkpoint; a run folder means its last.pt."""
+    from tresfinetune.models.loading import read_file
+
     path = resolve_checkpoint_path(path, prefer="last.pt")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise UserError(
-            f"'{path}' holds objects that could run code when loaded; tresfinetune only reads plain tensors ({e})"
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise UserError(f"'{path}' is not a readable checkpoint (corrupt or truncated file?): {e}") from None
+    ckpt = read_file(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"'{path}' is not a tresfinetune checkpoint (for pretrained weights use model.weights)")
     ckpt["path"] = str(path)

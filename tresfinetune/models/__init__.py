@@ -1,0 +1,38 @@
+"""TResNet models: architecture, InPlaceABN-style norm, pretrained weights in any layout, inference fusion."""
+
+from tresfinetune.models.convert import (
+    authors_to_ours,
+    detect_layout,
+    guess_architecture,
+    ours_to_authors,
+    ours_to_timm,
+    timm_to_ours,
+    to_ours,
+)
+from tresfinetune.models.factory import create_model, describe_models, list_models
+from tresfinetune.models.fuse import fuse_for_inference
+from tresfinetune.models.loading import load_weights, read_weights
+from tresfinetune.models.norm import NormAct, convert_sync_norm
+from tresfinetune.models.pretrained import PRETRAINED, download
+from tresfinetune.models.tresnet import TResNet
+
+__all__ = [
+    "PRETRAINED",
+    "NormAct",
+    "TResNet",
+    "authors_to_ours",
+    "convert_sync_norm",
+    "create_model",
+    "describe_models",
+    "detect_layout",
+    "download",
+    "fuse_for_inference",
+    "guess_architecture",
+    "list_models",
+    "load_weights",
+    "ours_to_authors",
+    "ours_to_timm",
+    "read_weights",
+    "timm_to_ours",
+    "to_ours",
+]

@@ -1,0 +1,96 @@
+"""fuse_for_inference: an eval-only copy of a TResNet with every norm folded into the convolution before it.
+
+In eval mode a NormAct is a per-channel affine map, y = x * s + b with s = scale / sqrt(var + eps) and
+b = bias - mean * s, so it can be folded into the preceding bias-free convolution: W' = W * s, bias' = b. What
+is left of each conv-norm-act unit is one Conv2d with a bias and, where the unit has one, a leaky ReLU. The
+anti-alias downsample becomes an ordinary depthwise Conv2d holding the fixed blur filter (reflect padding,
+stride 2), so exporters see standard layers only. The result is for inference: it has no norm statistics left
+to train.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from tresfinetune.models.norm import NormAct
+from tresfinetune.models.tresnet import AntiAliasDownsample, ConvNormAct, blur_filter
+
+
+def fold_norm_into_conv(conv: nn.Conv2d, norm: NormAct) -> nn.Conv2d:
+    """A Conv2d with bias computing norm(conv(x)) (eval statistics, no activation)."""
+    # Fold in float64: the scale can span many orders of magnitude (|w| + 1e-5 on zero-initialised layers).
+    scale = norm.effective_scale().detach().double() * torch.rsqrt(norm.running_var.double() + norm.eps)
+    shift = norm.bias.detach().double() - norm.running_mean.double() * scale
+    weight = conv.weight.detach().double() * scale.view(-1, 1, 1, 1)
+    if conv.bias is not None:
+        shift = shift + conv.bias.detach().double() * scale
+    fused = nn.Conv2d(
+        conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+        dilation=conv.dilation, groups=conv.groups, bias=True, padding_mode=conv.padding_mode,
+        device=conv.weight.device, dtype=conv.weight.dtype,
+    )
+    with torch.no_grad():
+        fused.weight.copy_(weight.to(conv.weight.dtype))
+        fused.bias.copy_(shift.to(conv.weight.dtype))
+    return fused
+
+
+def fuse_conv_norm_act(unit: ConvNormAct) -> nn.Module:
+    """Conv2d + NormAct -> Conv2d with bias, followed by LeakyReLU when the unit has an activation."""
+    conv, norm = unit[0], unit[1]
+    fused = fold_norm_into_conv(conv, norm)
+    if norm.slope is None:
+        return fused
+    return nn.Sequential(fused, nn.LeakyReLU(norm.slope, inplace=True))
+
+
+def blur_downsample_conv(channels: int, like: torch.Tensor) -> nn.Conv2d:
+    """The anti-alias downsample as a fixed depthwise Conv2d: 3x3 blur, reflect padding 1, stride 2."""
+    conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1, padding_mode="reflect", groups=channels,
+                     bias=False, device=like.device, dtype=like.dtype)
+    with torch.no_grad():
+        conv.weight.copy_(blur_filter(channels, like.dtype, like.device))
+    return conv
+
+
+def _last_conv(module: nn.Module) -> nn.Conv2d | None:
+    convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
+    return convs[-1] if convs else None
+
+
+def _fuse_children(parent: nn.Module) -> None:
+    previous: nn.Module | None = None
+    for name, child in list(parent.named_children()):
+        if isinstance(child, ConvNormAct):
+            child = fuse_conv_norm_act(child)
+            setattr(parent, name, child)
+        elif isinstance(child, AntiAliasDownsample):
+            # The blur runs on the output of the unit before it; that unit's conv gives the channel count.
+            source = _last_conv(previous) if previous is not None else None
+            if source is None:
+                raise ValueError("an anti-alias downsample must follow a convolution to be fused")
+            child = blur_downsample_conv(source.out_channels, source.weight)
+            setattr(parent, name, child)
+        else:
+            _fuse_children(child)
+        previous = child
+
+
+@torch.no_grad()
+def fuse_for_inference(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of `model` with norms folded into convs and the blur as a fixed conv.
+
+    The original model is not changed. Outputs match the eval-mode original to float rounding. Attributes set
+    on the model (class names, input size, ...) travel with the copy.
+    """
+    fused = copy.deepcopy(model).eval()
+    _fuse_children(fused)
+    leftover = [name for name, m in fused.named_modules() if isinstance(m, NormAct | AntiAliasDownsample)]
+    if leftover:
+        raise ValueError(f"could not fuse {', '.join(leftover[:3])}: a norm that does not follow a convolution")
+    fused.requires_grad_(False)
+    fused.is_fused = True
+    return fused
