@@ -16,13 +16,19 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -e '.[test]'
 	touch $(VENV)/.installed $@
 
+# Passive OpenMP threads: on a busy machine (or with test subprocesses sharing the cores) spinning threads
+# slow PyTorch down several times over.
+export OMP_WAIT_POLICY ?= PASSIVE
+
+# Train TResNet-M on the bundled digits (a few minutes on CPU), then predict a few digit images with the new run.
 demo: $(VENV)/.installed
-	$(BIN)/python -m tresfinetune demo
+	$(BIN)/tresfinetune train recipes/digits.yaml
+	$(BIN)/python -m tresfinetune.demo demo_out/digits
+	$(BIN)/tresfinetune predict demo_out/digits
 
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check tresfinetune tests benchmarks
-	# Passive OpenMP threads: test subprocesses share 2 cores without spinning against each other.
-	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check tresfinetune tests benchmarks

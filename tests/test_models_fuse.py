@@ -24,7 +24,7 @@ def test_fused_model_has_standard_layers_and_equal_outputs():
     fused = fuse_for_inference(model)
     assert not any(isinstance(m, NormAct | AntiAliasDownsample) for m in fused.modules())
     leaf_types = {type(m).__name__ for m in fused.modules() if not list(m.children())}
-    assert leaf_types <= {"Conv2d", "LeakyReLU", "AvgPool2d", "Linear", "SpaceToDepth"}
+    assert leaf_types <= {"Conv2d", "ConvLeakyReLU", "AvgPool2d", "Linear", "SpaceToDepth"}
     assert not fused.training and not any(p.requires_grad for p in fused.parameters())
     with torch.no_grad():
         got = fused(x)

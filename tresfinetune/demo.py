@@ -8,23 +8,21 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
+from tresfinetune.datasets.local import digits_images
 
-def write_digit_images(folder: str | Path, count: int = 8, size: int = 64) -> list[Path]:
-    """The last `count` scans of scikit-learn's digits, upscaled to `size` px, named by their true digit."""
-    from sklearn.datasets import load_digits
 
-    digits = load_digits()
+def write_digit_images(folder: str | Path, count: int = 8) -> list[Path]:
+    """The last `count` scans of scikit-learn's digits, rendered as the digits dataset renders them, named by
+    their true digit. (They may be among the training images: this shows the tool working, not the accuracy.)"""
+    images, labels = digits_images()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for index in range(len(digits.images) - count, len(digits.images)):
-        grey = (digits.images[index] * (255.0 / 16.0)).astype(np.uint8)
-        image = Image.fromarray(grey).resize((size, size), Image.Resampling.BILINEAR).convert("RGB")
-        path = folder / f"digit_{index:04d}_is_{digits.target[index]}.png"
-        image.save(path)
+    for index in range(len(images) - count, len(images)):
+        path = folder / f"digit_{index:04d}_is_{labels[index]}.png"
+        Image.fromarray(images[index]).save(path)
         paths.append(path)
     return paths
 

@@ -10,6 +10,7 @@ from tresfinetune.models.convert import (
     to_ours,
 )
 from tresfinetune.models.factory import create_model, describe_models, list_models
+from tresfinetune.models.from_checkpoint import load_checkpoint_model
 from tresfinetune.models.fuse import fuse_for_inference
 from tresfinetune.models.loading import load_weights, read_weights
 from tresfinetune.models.norm import NormAct, convert_sync_norm
@@ -29,6 +30,7 @@ __all__ = [
     "fuse_for_inference",
     "guess_architecture",
     "list_models",
+    "load_checkpoint_model",
     "load_weights",
     "ours_to_authors",
     "ours_to_timm",

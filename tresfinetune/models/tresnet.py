@@ -74,15 +74,21 @@ class ConvNormAct(nn.Sequential):
         self._folded = None
         return super().train(mode)
 
+    @torch.no_grad()
     def folded_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weight, bias) of a single conv equal to this conv followed by the eval-mode norm (no activation)."""
+        """(weight, bias) of a single conv equal to this conv followed by the eval-mode norm (no activation).
+
+        Computed in float64: the scale can span many orders of magnitude (|w| + 1e-5 on zero-initialised norms).
+        """
         conv, norm = self[0], self[1]
-        scale = norm.effective_scale() * torch.rsqrt(norm.running_var + norm.eps)
-        weight = conv.weight * scale.view(-1, 1, 1, 1)
-        return weight, norm.bias - norm.running_mean * scale
+        scale = norm.effective_scale().double() * torch.rsqrt(norm.running_var.double() + norm.eps)
+        weight = conv.weight.double() * scale.view(-1, 1, 1, 1)
+        bias = norm.bias.double() - norm.running_mean.double() * scale
+        return weight.to(conv.weight.dtype), bias.to(conv.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training or torch.is_grad_enabled():
+        # The cache keys on storage addresses, which torch.compile cannot trace without recompiling each call.
+        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self[1](self[0](x))
         conv, norm = self[0], self[1]
         tensors = (conv.weight, norm.weight, norm.bias, norm.running_mean, norm.running_var)
