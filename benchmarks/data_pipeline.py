@@ -4,11 +4,13 @@
 
 Generates JPEG photos of realistic size (500x375, smooth colour fields plus texture, quality 90) in a temporary
 folder, then times, interleaved in one run and on one thread (as one DataLoader worker has):
-  ours    load_image (OpenCV decode, EXIF orientation) + build_transforms(recipe) -> float CHW tensor
-  tv2     PIL open + EXIF transpose + convert RGB + the equivalent torchvision.transforms.v2 pipeline
-  tv2-io  torchvision.io.decode_image (also EXIF-aware) + the same v2 pipeline on tensors
+  ours        load_image (OpenCV decode, EXIF orientation) + build_transforms(recipe) -> uint8 HWC tensors, stacked:
+              what a loader worker does (the float conversion happens per batch on the training device)
+  ours+float  the same plus to_model_input on the CPU (uint8 NHWC batch -> float NCHW in [0, 1]): the worst case
+  tv2         PIL open + EXIF transpose + convert RGB + the equivalent torchvision.transforms.v2 pipeline
+  tv2-io      torchvision.io.decode_image (also EXIF-aware) + the same v2 pipeline on tensors
 for training (RandomResizedCrop + flip) and evaluation (the default at each size) at 224 and 448, each including the
-copy into batches of 16 that a DataLoader's collate does.
+copy into batches of 16 that a DataLoader's collate does. The tv2 pipelines end in float tensors, as usually written.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from PIL import Image, ImageOps
 from torchvision.transforms import v2
 
 from tresfinetune.datasets import build_transforms, load_image
-from tresfinetune.datasets.transforms import CROP_FRACTION, DEFAULT_CROP_SCALE, SQUISH_FROM_SIZE
+from tresfinetune.datasets.transforms import CROP_FRACTION, DEFAULT_CROP_SCALE, SQUISH_FROM_SIZE, to_model_input
 from tresfinetune.recipe import recipe_from_dict
 
 
@@ -50,7 +52,7 @@ def make_photos(folder: Path, count: int, size: tuple[int, int] = (375, 500)) ->
 def ours(size: int, train: bool) -> Callable[[Path], torch.Tensor]:
     recipe = recipe_from_dict({"model": {"name": "tresnet_m"}, "input_size": size, "data": {"name": "folder"}})
     pipeline = build_transforms(recipe, train=train)
-    return lambda path: pipeline(load_image(path))
+    return lambda path: pipeline(load_image(path))  # uint8; made float per batch by to_model_input (timed too)
 
 
 def tv2_transform(size: int, train: bool) -> v2.Compose:
@@ -79,16 +81,24 @@ def tv2_io(size: int, train: bool) -> Callable[[Path], torch.Tensor]:
     return lambda path: transform(torchvision.io.decode_image(str(path), mode=mode, apply_exif_orientation=True))
 
 
-def images_per_second(run: Callable[[Path], torch.Tensor], paths: list[Path], size: int, batch: int = 16) -> float:
-    """Including the copy into a batch, as a DataLoader's collate does, so each path pays for its tensors' layout.
+def images_per_second(run: Callable[[Path], torch.Tensor], paths: list[Path], convert: bool = False,
+                      batch: int = 16) -> float:
+    """Until a batch exists, including the copy into it that a DataLoader's collate does; with `convert`, also
+    the conversion of our uint8 NHWC batch to a float NCHW one (done on the training device in real runs; timed
+    here on the CPU, the worst case).
 
     The batch buffer is reused: allocating a fresh one costs both paths the same and mostly measures page faults.
     """
-    buffer = torch.empty((batch, 3, size, size))
+    buffer = None
+    cpu = torch.device("cpu")
     start = time.perf_counter()
     for first in range(0, len(paths), batch):
         images = [run(path) for path in paths[first:first + batch]]
-        torch.stack(images, out=buffer[: len(images)])
+        if buffer is None:
+            buffer = torch.empty((batch, *images[0].shape), dtype=images[0].dtype)
+        stacked = torch.stack(images, out=buffer[: len(images)])
+        if convert:
+            to_model_input(stacked, cpu, [0.0] * 3, [1.0] * 3)
     return len(paths) / (time.perf_counter() - start)
 
 
@@ -103,22 +113,24 @@ def main() -> None:
         paths = make_photos(Path(tmp), args.images)
         print(f"{len(paths)} JPEGs of 500x375 (quality 90, ~{paths[0].stat().st_size // 1024} KiB), one thread, "
               f"median of {args.repeats} interleaved passes; torch {torch.__version__}, OpenCV {cv2.__version__}")
-        header = f"{'size':>4} {'mode':<5} {'ours img/s':>11} {'tv2 img/s':>10} {'tv2-io img/s':>13} " \
-                 f"{'ours/tv2':>9} {'ours/tv2-io':>12}"
+        header = (f"{'size':>4} {'mode':<5} {'ours':>6} {'ours+float':>10} {'tv2':>6} {'tv2-io':>6}   "
+                  f"{'ours/tv2':>8} {'ours+float/tv2':>14} {'ours/tv2-io':>11}")
         print(header)
         print("-" * len(header))
         for size in (224, 448):
             for train in (True, False):
-                runners = {"ours": ours(size, train), "tv2": tv2_pil(size, train), "tv2-io": tv2_io(size, train)}
-                for run in runners.values():  # warm-up: caches, lazy imports, the files in the page cache
+                runners = {"ours": (ours(size, train), False), "ours+float": (ours(size, train), True),
+                           "tv2": (tv2_pil(size, train), False), "tv2-io": (tv2_io(size, train), False)}
+                for run, _ in runners.values():  # warm-up: caches, lazy imports, the files in the page cache
                     run(paths[0])
                 rates: dict[str, list[float]] = {name: [] for name in runners}
                 for _ in range(args.repeats):
-                    for name, run in runners.items():
-                        rates[name].append(images_per_second(run, paths, size))
+                    for name, (run, convert) in runners.items():
+                        rates[name].append(images_per_second(run, paths, convert))
                 med = {name: statistics.median(r) for name, r in rates.items()}
-                print(f"{size:>4} {'train' if train else 'eval':<5} {med['ours']:>11.0f} {med['tv2']:>10.0f} "
-                      f"{med['tv2-io']:>13.0f} {med['ours'] / med['tv2']:>8.2f}x {med['ours'] / med['tv2-io']:>11.2f}x")
+                print(f"{size:>4} {'train' if train else 'eval':<5} {med['ours']:>6.0f} {med['ours+float']:>10.0f} "
+                      f"{med['tv2']:>6.0f} {med['tv2-io']:>6.0f}   {med['ours'] / med['tv2']:>7.2f}x "
+                      f"{med['ours+float'] / med['tv2']:>13.2f}x {med['ours'] / med['tv2-io']:>10.2f}x")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -51,8 +53,8 @@ def test_digits_batches_and_targets():
     train_loader, val_loader, source = build_loaders(recipe())
     assert source.task == "single-label" and len(source.class_names) == 10
     images, targets = next(iter(train_loader))
-    assert images.shape == (8, 3, 32, 32) and images.dtype == torch.float32
-    assert images.min() >= 0 and images.max() <= 1
+    assert images.shape == (8, 32, 32, 3) and images.dtype == torch.uint8
+    assert images.min() < 64 and images.max() == 255  # dark ink on white paper
     assert targets.shape == (8,) and targets.dtype == torch.int64
     assert train_loader.drop_last and not val_loader.drop_last
     assert sum(len(t) for _, t in val_loader) == len(source.split("val"))
@@ -135,6 +137,23 @@ def test_multilabel_targets_are_float_multi_hot(tmp_path):
     train_loader, _, source = build_loaders(recipe(data={"name": "multilabel_csv", "root": str(tmp_path),
                                                          "csv": "labels.csv", "val_fraction": 0.34}, batch_size=2))
     images, targets = next(iter(train_loader))
-    assert images.shape == (2, 3, 32, 32)
+    assert images.shape == (2, 32, 32, 3)
     assert targets.dtype == torch.float32 and targets.shape == (2, 2)
     assert source.class_names == ["cat", "dog"] and (targets[:, 1] == 1).all()
+
+
+def test_workers_do_not_hang_after_the_main_process_ran_opencv():
+    """The pipeline check runs OpenCV in the main process before the workers fork; OpenCV's thread pool would
+    deadlock them (seen with RandAugment at 224 px). Run in a subprocess so a regression fails instead of hanging."""
+    script = """
+from tresfinetune.datasets import build_loaders
+from tresfinetune.recipe import recipe_from_dict
+train = [{"RandomResizedCrop": {"size": [224, 224]}}, {"RandAugment": {"num_ops": 2, "magnitude": 9}}]
+recipe = recipe_from_dict({"input_size": 224, "data": {"name": "digits", "limit": 16}, "transforms": {"train": train},
+                           "batch_size": 8, "workers": 2})
+loader, _, _ = build_loaders(recipe)
+print(sum(len(images) for images, _ in loader))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-1] == "16"

@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from tresfinetune.datasets.transforms import Cutout, RandAugment, build_transforms, default_spec, validate_pipeline
+from tresfinetune.datasets.transforms import (
+    Cutout,
+    RandAugment,
+    build_transforms,
+    default_spec,
+    to_model_input,
+    validate_pipeline,
+)
 from tresfinetune.errors import UserError
 from tresfinetune.recipe import recipe_from_dict
 
@@ -52,8 +59,8 @@ def test_default_eval_at_224_resizes_shorter_side_then_centre_crops():
     image = photo(300, 400)
     expected = cv2.resize(image, (341, 256), interpolation=cv2.INTER_LINEAR)[16:240, 58:282]  # 256 = 224 / 0.875
     out = pipeline(image)
-    assert out.shape == (3, 224, 224) and out.dtype == torch.float32
-    assert torch.allclose(out, torch.from_numpy(expected).permute(2, 0, 1).float() / 255, atol=1 / 255 + 1e-6)
+    assert out.shape == (224, 224, 3) and out.dtype == torch.uint8
+    assert (out.int() - torch.from_numpy(expected).int()).abs().max() <= 1
 
 
 def test_default_eval_at_448_squishes_and_multilabel_always_squishes():
@@ -62,7 +69,7 @@ def test_default_eval_at_448_squishes_and_multilabel_always_squishes():
     pipeline = build_transforms(recipe(input_size=64, data={"name": "voc2007"}), train=False)
     image = photo(30, 90)
     expected = cv2.resize(image, (64, 64), interpolation=cv2.INTER_LINEAR)
-    assert torch.allclose(pipeline(image), torch.from_numpy(expected).permute(2, 0, 1).float() / 255, atol=1e-6)
+    assert torch.equal(pipeline(image), torch.from_numpy(expected))
 
 
 def test_default_train_pipelines():
@@ -72,14 +79,26 @@ def test_default_train_pipelines():
     digits = build_transforms(recipe(input_size=32, data={"name": "digits"}), train=True)
     assert "HorizontalFlip" not in repr(digits)  # mirrored digits are other digits
     out = digits(photo(32, 32))
-    assert out.shape == (3, 32, 32) and out.min() >= 0 and out.max() <= 1
+    assert out.shape == (32, 32, 3) and out.dtype == torch.uint8
 
 
-def test_mean_and_std_are_applied():
-    pipeline = build_transforms(recipe(input_size=32, data={"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.5, 1.0]},
-                                       transforms={"val": [{"Resize": {"height": 32, "width": 32}}]}), train=False)
-    out = pipeline(np.full((32, 32, 3), 255, np.uint8))
-    assert torch.allclose(out[:, 0, 0], torch.tensor([2.0, 1.0, 0.5]))
+def test_batches_become_model_input_in_0_1_with_mean_and_std():
+    batch = torch.stack([torch.full((4, 4, 3), 255, dtype=torch.uint8), torch.zeros(4, 4, 3, dtype=torch.uint8)])
+    batch[0, 1, 2] = torch.tensor([0, 51, 102], dtype=torch.uint8)  # one pixel, to check the NHWC -> NCHW layout
+    plain = to_model_input(batch, torch.device("cpu"), [0, 0, 0], [1, 1, 1])
+    assert plain.shape == (2, 3, 4, 4) and plain.dtype == torch.float32 and plain.max() == 1 and plain.min() == 0
+    assert torch.allclose(plain[0, :, 1, 2], torch.tensor([0.0, 0.2, 0.4]))
+    normalised = to_model_input(batch, torch.device("cpu"), [0.5, 0.5, 0.5], [0.25, 0.5, 1.0],
+                                memory_format=torch.channels_last)
+    assert torch.allclose(normalised[0, :, 0, 0], torch.tensor([2.0, 1.0, 0.5]))
+    assert torch.allclose(normalised[1, :, 0, 0], torch.tensor([-2.0, -1.0, -0.5]))
+    assert normalised.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_pipeline_must_keep_uint8_pixels():
+    with pytest.raises(UserError, match=r"transforms.val turns images into torch.float32 pixels; keep them uint8"):
+        build_transforms(recipe(input_size=32, transforms={"val": [{"Resize": {"height": 32, "width": 32}},
+                                                                   {"ToFloat": {}}]}), train=False)
 
 
 def test_pipeline_must_end_at_input_size():

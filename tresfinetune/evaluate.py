@@ -121,8 +121,8 @@ def evaluate(
     channels_last = recipe.channels_last and torch_device.type == "cuda"
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    scores, targets = collect_scores(model, loader, torch_device, model.task, amp_dtype_for(recipe, torch_device),
-                                     channels_last, tta_flip=tta == "flip")
+    scores, targets = collect_scores(model, loader, torch_device, model.task, model.mean, model.std,
+                                     amp_dtype_for(recipe, torch_device), channels_last, tta_flip=tta == "flip")
     if len(scores) == 0:
         raise UserError(f"none of the {len(samples)} images of split '{split}' could be read")
 

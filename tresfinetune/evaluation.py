@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tresfinetune.datasets.transforms import to_model_input
 from tresfinetune.metrics import mean_average_precision, topk_accuracy
 
 SINGLE_LABEL = "single-label"
@@ -26,16 +27,21 @@ def collect_scores(
     loader: torch.utils.data.DataLoader,
     device: torch.device,
     task: str,
+    mean: list[float],
+    std: list[float],
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
     tta_flip: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Probabilities (softmax or sigmoid by task) and targets for every sample the loader yields."""
+    """Probabilities (softmax or sigmoid by task) and targets for every sample the loader yields.
+
+    The loader yields uint8 batches; `mean`/`std` are the normalisation the model was trained with.
+    """
     model.eval()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     all_scores, all_targets = [], []
     for images, targets in loader:
-        images = images.to(device, non_blocking=True, memory_format=memory_format)
+        images = to_model_input(images, device, mean, std, memory_format)
         with autocast(device, amp_dtype):
             logits = model(images)
             if tta_flip:

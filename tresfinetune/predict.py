@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from tresfinetune.datasets.images import UnreadableImage, list_images, load_image
+from tresfinetune.datasets.transforms import to_model_input
 from tresfinetune.errors import UserError
 from tresfinetune.evaluation import MULTI_LABEL
 
@@ -194,7 +195,7 @@ def predict(
         unreadable.extend((str(image_paths[i]), item) for i, item in batch if isinstance(item, str))
         if not good:
             continue
-        images = torch.stack([item for _, item in good]).to(torch_device)
+        images = to_model_input(torch.stack([item for _, item in good]), torch_device, model.mean, model.std)
         for (i, _), scores in zip(good, model_scores(model, images, task), strict=True):
             predictions.append(_describe(image_paths[i], scores, class_names, task, top_k, thresholds, threshold))
     return PredictionResult(model.checkpoint_path, task, class_names, predictions, unreadable, thresholds)

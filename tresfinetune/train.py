@@ -36,6 +36,7 @@ from tresfinetune.checkpoint import (
     set_rng_state,
 )
 from tresfinetune.datasets import build_loaders
+from tresfinetune.datasets.transforms import to_model_input
 from tresfinetune.distributed import World
 from tresfinetune.errors import UserError
 from tresfinetune.evaluation import MULTI_LABEL, SINGLE_LABEL, autocast, collect_scores, compute_metrics, main_metric
@@ -224,10 +225,6 @@ def _train(
     show_progress: bool,
 ) -> TrainResult:
     seed_everything(recipe.seed, recipe.deterministic)
-    if world.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
-
     train_loader, val_loader, source = build_loaders(recipe, rank=world.rank, world_size=world.size, device=device)
     task, class_names = source.task, list(source.class_names)
     num_classes = len(class_names)
@@ -286,6 +283,10 @@ def _train(
         raise UserError(f"'{run_dir}' already finished {state['epoch']} epochs; raise it with --set epochs=N")
 
     metric_name = main_metric(task)
+    # The run folder appears only once data, weights and model are known to be good: a failed start leaves nothing.
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
     run_log = RunLog(run_dir, state["epoch"] if ckpt is not None else None) if world.is_main else None
     result = TrainResult(run_dir, run_log.rows if run_log else [], state["best_metric"], state["best_epoch"])
 
@@ -342,7 +343,7 @@ def _train(
                 for step, (images, targets) in enumerate(train_loader):
                     if step < skip:
                         continue  # resumed mid-epoch: these batches were already trained on
-                    images = images.to(device, non_blocking=True, memory_format=memory_format)
+                    images = to_model_input(images, device, recipe.data.mean, recipe.data.std, memory_format)
                     targets = targets.to(device, non_blocking=True)
                     if mixup.enabled:
                         images, targets = mixup(images, targets)
@@ -395,7 +396,8 @@ def _train(
                     for which, net in (("model", model), ("ema", ema.module if ema else None)):
                         if net is None:
                             continue
-                        scores, targets = collect_scores(net, val_loader, device, task, amp_dtype, channels_last)
+                        scores, targets = collect_scores(net, val_loader, device, task, recipe.data.mean,
+                                                         recipe.data.std, amp_dtype, channels_last)
                         scores = distributed.gather_arrays(scores, world)
                         targets = distributed.gather_arrays(targets, world)
                         candidates[which] = (scores, targets)

@@ -2,12 +2,14 @@
 
     source = build_source(recipe.data)          # task, class names, samples per split
     train_loader, val_loader, source = build_loaders(recipe)
-    pipeline = build_transforms(recipe, train=True)   # HWC uint8 RGB -> CHW float tensor
+    pipeline = build_transforms(recipe, train=True)   # HWC uint8 RGB -> HWC uint8 tensor; to_model_input per batch
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
+
+import cv2
 
 from tresfinetune.datasets import local, official  # noqa: F401  (importing them registers their sources)
 from tresfinetune.datasets.images import UnreadableImage, load_image
@@ -17,6 +19,11 @@ from tresfinetune.datasets.transforms import build_transforms
 
 if TYPE_CHECKING:
     from tresfinetune.recipe import DataConfig
+
+
+# OpenCV's thread pool does not survive fork(): a DataLoader worker forked after this process ran a parallel OpenCV
+# op (build_transforms' check of the pipeline does) hangs for ever. The loader workers provide the parallelism.
+cv2.setNumThreads(1)
 
 
 def source_names() -> list[str]:

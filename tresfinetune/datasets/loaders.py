@@ -17,7 +17,6 @@ import random
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
@@ -40,7 +39,7 @@ class BadSample(NamedTuple):
 
 
 class ImageDataset(Dataset):
-    """Samples -> (image tensor CHW float32, target): int64 scalar (single-label) or float32 multi-hot.
+    """Samples -> (image tensor HWC uint8, target): int64 scalar (single-label) or float32 multi-hot.
 
     Indexed by a sample index, or by (index, epoch) as the training sampler yields, so the augmentation can be
     seeded per sample and epoch.
@@ -167,8 +166,7 @@ def _worker_init(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
-    torch.set_num_threads(1)
-    cv2.setNumThreads(1)  # the workers already run in parallel; OpenCV's own threads would oversubscribe the CPUs
+    torch.set_num_threads(1)  # the workers already run in parallel (OpenCV is single-threaded: see datasets/__init__)
 
 
 def build_loaders(recipe: Recipe, source: DataSource | None = None, rank: int = 0, world_size: int = 1,

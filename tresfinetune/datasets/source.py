@@ -115,19 +115,21 @@ def registered_names() -> list[str]:
 # ---- helpers shared by the sources ------------------------------------------------------------------------------
 
 
+DOWNLOADABLE = ("cifar10", "cifar100", "flowers102")  # the sources whose `data.download: true` fetches files
+
+
 def require_root(root: str | None, dataset: str) -> Path:
     """data.root expanded; UserError when it is unset, missing or empty."""
     if not root:
         raise UserError(f"dataset '{dataset}' needs data.root: set it in the recipe or with --set data.root=PATH")
     path = Path(root).expanduser()
+    hint = "or set data.download: true" if dataset in DOWNLOADABLE else "or pass another with --set data.root=PATH"
     if not path.exists():
-        raise UserError(f"data.root '{path}' does not exist; check the path (or set data.download: true where "
-                        "supported)")
+        raise UserError(f"data.root '{path}' does not exist; check the path ({hint})")
     if not path.is_dir():
         raise UserError(f"data.root '{path}' is a file; point it at the dataset's folder")
     if not any(path.iterdir()):
-        raise UserError(f"data.root '{path}' is empty; put the dataset there (or set data.download: true where "
-                        "supported)")
+        raise UserError(f"data.root '{path}' is empty; put the dataset there ({hint})")
     return path
 
 

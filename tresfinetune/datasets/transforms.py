@@ -197,14 +197,16 @@ def default_spec(input_size: int, train: bool, multi_label: bool = False, hflip:
 
 
 class Pipeline:
-    """numpy HWC uint8 RGB -> torch CHW float32, (x / 255 - mean) / std."""
+    """numpy HWC uint8 RGB -> torch HWC uint8 (the augmented pixels, no copy).
 
-    def __init__(self, transforms: list, mean: list[float], std: list[float]):
+    The loader workers only decode, augment and stack: batches are (N, H, W, 3) uint8, a plain memory copy per
+    image. The relayout to NCHW, scaling to [0, 1] and mean/std happen per batch on the training device
+    (`to_model_input`): the batch travels at a quarter of the float size, and with channels_last (the CUDA default)
+    the relayout is free, since NHWC is exactly channels-last memory.
+    """
+
+    def __init__(self, transforms: list):
         self.compose = A.Compose(transforms)
-        std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-        self.scale = 1.0 / std_t
-        self.shift = -torch.tensor(mean, dtype=torch.float32).view(3, 1, 1) / std_t
-        self.plain = all(m == 0 for m in mean) and all(v == 1 for v in std)
 
     def reseed(self, *keys: int) -> None:
         """Make the random draws of the next calls a function of `keys` only (e.g. seed, epoch, sample index)."""
@@ -219,14 +221,7 @@ class Pipeline:
         out = self.augment(image)
         if out.ndim == 2:
             out = out[:, :, None].repeat(3, axis=2)
-        # A CHW view of the HWC pixels, converted in place: no relayout here, since batching copies every image
-        # into the (contiguous) batch anyway; a contiguous copy per image costs as much as the rest of the pipeline.
-        tensor = torch.from_numpy(np.ascontiguousarray(out)).permute(2, 0, 1).float()
-        if out.dtype == np.uint8:
-            tensor.mul_(1.0 / 255.0)
-        if not self.plain:
-            tensor.mul_(self.scale).add_(self.shift)
-        return tensor
+        return torch.from_numpy(np.ascontiguousarray(out))
 
     def __repr__(self) -> str:
         return f"Pipeline({self.compose.transforms})"
@@ -247,17 +242,41 @@ def transform_spec(recipe: Recipe, train: bool) -> list:
 def build_transforms(recipe: Recipe, train: bool) -> Pipeline:
     """The training or evaluation pipeline of a recipe; UserError if it does not produce input_size squares."""
     where = f"transforms.{'train' if train else 'val'}"
-    pipeline = Pipeline(build_pipeline_list(transform_spec(recipe, train), where), recipe.data.mean, recipe.data.std)
+    pipeline = Pipeline(build_pipeline_list(transform_spec(recipe, train), where))
     # Batches need one size; check on an odd-shaped image that the list ends at input_size x input_size.
     size = recipe.input_size
     probe = np.random.default_rng(0).integers(0, 256, (size + 37, size * 5 // 4 + 11, 3), dtype=np.uint8)
     pipeline.reseed(0)
     try:
-        shape = tuple(pipeline(probe).shape)
+        out = pipeline(probe)
     except Exception as e:
         raise UserError(f"{where} failed on a test image: {_explain(e)}") from None
-    expected = (3, recipe.input_size, recipe.input_size)
+    if out.dtype != torch.uint8:
+        raise UserError(f"{where} turns images into {out.dtype} pixels; keep them uint8 (scaling and mean/std are "
+                        "applied later, from data.mean and data.std)")
+    shape = tuple(out.shape)
+    expected = (recipe.input_size, recipe.input_size, 3)
     if shape != expected:
-        raise UserError(f"{where} makes {shape[1]}x{shape[2]} images but input_size is {recipe.input_size}; end the "
+        raise UserError(f"{where} makes {shape[0]}x{shape[1]} images but input_size is {recipe.input_size}; end the "
                         f"list with a resize or crop to {recipe.input_size}x{recipe.input_size}")
     return pipeline
+
+
+def to_model_input(
+    images: torch.Tensor,
+    device: torch.device,
+    mean: list[float],
+    std: list[float],
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> torch.Tensor:
+    """A batch from the loaders (N, H, W, 3 uint8) as the model's input (N, 3, H, W float): moved to `device`
+    first, then scaled to [0, 1] and normalised with mean/std (TResNet weights use none: mean 0, std 1)."""
+    images = images.to(device, non_blocking=True).permute(0, 3, 1, 2)  # NCHW view of channels-last memory
+    x = torch.empty(images.shape, dtype=torch.float32, device=images.device, memory_format=memory_format)
+    x.copy_(images)  # one pass: relayout (none for channels_last) and conversion together
+    if images.dtype == torch.uint8:
+        x.mul_(1.0 / 255.0)
+    if any(m != 0 for m in mean) or any(v != 1 for v in std):
+        shape = (1, -1, 1, 1)
+        x.sub_(torch.tensor(mean, device=x.device).view(shape)).div_(torch.tensor(std, device=x.device).view(shape))
+    return x
