@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tresfinetune.datasets import build_loaders
+from tresfinetune.datasets.transforms import to_model_input
 from tresfinetune.models import create_model
 from tresfinetune.recipe import recipe_from_dict
 from tresfinetune.train import train
@@ -45,7 +46,8 @@ def bare_loop(raw: dict) -> float:
     recipe = recipe_from_dict(raw)
     train_loader, _, source = build_loaders(recipe)
     train_loader.sampler.set_epoch(0)
-    batches = list(train_loader)
+    cpu = torch.device("cpu")
+    batches = [(to_model_input(images, cpu, [0.0] * 3, [1.0] * 3), targets) for images, targets in train_loader]
     torch.manual_seed(0)
     model = create_model("tresnet_m", num_classes=len(source.class_names)).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
