@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import time
 
 import torch
+from timing import interleaved_seconds
 
 from tresfinetune.models import NormAct, create_model, fuse_for_inference
 from tresfinetune.models.tresnet import ConvNormAct
@@ -36,16 +36,6 @@ def randomise_norms(model: torch.nn.Module, seed: int = 0) -> None:
             layer.bias.data = torch.randn(n, generator=generator) * 0.1
             layer.running_mean.data = torch.randn(n, generator=generator) * 0.1
             layer.running_var.data = torch.rand(n, generator=generator) + 0.5
-
-
-def interleaved_seconds(steps: dict, iters: int, clock) -> dict[str, float]:
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(iters):
-        for name, step in steps.items():
-            start = clock()
-            step()
-            times[name].append(clock() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def layer_by_layer(model: torch.nn.Module) -> torch.nn.Module:

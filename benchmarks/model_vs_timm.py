@@ -14,11 +14,11 @@ buffers excluded. Not a test: run it by hand; it needs timm.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
 import torch.nn.functional as F
+from timing import interleaved_seconds
 
 
 def saved_activation_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
@@ -46,16 +46,6 @@ def eval_step(model: torch.nn.Module, x: torch.Tensor) -> None:
 def train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
     F.cross_entropy(model(x), y).backward()
     model.zero_grad(set_to_none=True)
-
-
-def interleaved_seconds(steps: dict, iters: int, clock=time.process_time) -> dict[str, float]:
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(iters):
-        for name, step in steps.items():
-            start = clock()
-            step()
-            times[name].append(clock() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
