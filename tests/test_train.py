@@ -215,3 +215,11 @@ def test_resume_errors_are_clear(tmp_path):
     (tmp_path / "last.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="damaged or not a PyTorch"):
         train(resume=tmp_path / "last.pt")
+
+
+def test_resume_with_other_classes_is_a_clear_error(tmp_path):
+    train(recipe_from_dict(digits_recipe(epochs=1)), output=tmp_path / "run", progress=False)
+    make_multilabel_csv(tmp_path)  # two classes instead of ten
+    data = {"name": "multilabel_csv", "root": str(tmp_path), "csv": "labels.csv"}
+    with pytest.raises(UserError, match="do not fit a tresnet_m with 2 classes"):
+        train(resume=tmp_path / "run", overrides=["epochs=2", f"data={json.dumps(data)}"])

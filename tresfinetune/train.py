@@ -232,7 +232,11 @@ def _train(
     weights = None if ckpt is not None else recipe.model.weights
     model = create_model(recipe.model.name, num_classes=num_classes, weights=weights, norm=recipe.model.norm)
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError:
+            raise UserError(f"the weights in '{ckpt['path']}' do not fit a {recipe.model.name} with {num_classes} "
+                            f"classes; did the dataset or data.* settings change since the run started?") from None
     model.to(device)
     channels_last = recipe.channels_last and device.type == "cuda"
     if channels_last:
