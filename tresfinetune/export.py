@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tresfinetune.datasets.transforms import to_model_input
 from tresfinetune.errors import UserError
 
 log = logging.getLogger("tresfinetune")
@@ -65,12 +66,11 @@ def relative_difference(output: torch.Tensor | np.ndarray, reference: torch.Tens
 
 
 def sample_inputs(model: nn.Module, batch: int, seed: int = 0) -> torch.Tensor:
-    """Random images in [0, 1] normalised as the model expects."""
+    """Random images prepared as training prepared its batches (scaled to [0, 1], normalised)."""
     generator = torch.Generator().manual_seed(seed)
-    images = torch.rand(batch, 3, model.input_size, model.input_size, generator=generator)
-    mean = torch.tensor(model.mean).view(1, 3, 1, 1)
-    std = torch.tensor(model.std).view(1, 3, 1, 1)
-    return (images - mean) / std
+    size = model.input_size
+    images = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, generator=generator)
+    return to_model_input(images, torch.device("cpu"), model.mean, model.std)
 
 
 def _check(difference: float, what: str) -> None:

@@ -95,8 +95,8 @@ def inference_transform(model: nn.Module) -> Callable[[np.ndarray], torch.Tensor
     from tresfinetune.recipe import recipe_from_dict
 
     raw = dict(model.recipe or {})
-    if not raw:  # a checkpoint without its recipe: the default evaluation pipeline for its size and normalisation
-        raw = {"input_size": model.input_size, "data": {"mean": model.mean, "std": model.std}}
+    if not raw:  # a checkpoint without its recipe: the default evaluation pipeline for its size
+        raw = {"input_size": model.input_size}
     return build_transforms(recipe_from_dict(raw), train=False)
 
 

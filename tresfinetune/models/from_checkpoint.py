@@ -13,23 +13,10 @@ from torch import nn
 
 from tresfinetune.checkpoint import load_checkpoint, resolve_checkpoint_path
 from tresfinetune.errors import UserError
+from tresfinetune.models.loading import unwrap_state_dict
 
-EMA_PREFIX = "module."
 # Everything predict, evaluate and export need besides the weights; set as attributes on the model.
 ATTACHED = ("class_names", "task", "input_size", "mean", "std", "thresholds")
-
-
-def inference_state_dict(ckpt: dict) -> dict[str, torch.Tensor]:
-    """The state dict a checkpoint says to predict with, keys in the model's own layout."""
-    which = ckpt.get("inference", "model")
-    state_dict = ckpt.get(which)
-    if not isinstance(state_dict, dict):
-        raise UserError(f"'{ckpt.get('path')}' names {which!r} weights for inference but holds none; it may be "
-                        "damaged, so use another checkpoint of the run")
-    if which == "ema":
-        # The EMA wrapper holds the averaged model under `module.` plus its own update counter.
-        state_dict = {k[len(EMA_PREFIX):]: v for k, v in state_dict.items() if k.startswith(EMA_PREFIX)}
-    return state_dict
 
 
 def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
@@ -48,7 +35,7 @@ def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu") 
     architecture = str(ckpt["model_name"]).split(".", 1)[0]
     model = create_model(architecture, num_classes=len(ckpt["class_names"]), weights=None)
     try:
-        model.load_state_dict(inference_state_dict(ckpt))
+        model.load_state_dict(unwrap_state_dict(ckpt, ckpt["path"])[0])
     except RuntimeError as e:
         first_line = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
         raise UserError(f"the weights in '{ckpt['path']}' do not fit a {architecture} with "

@@ -70,7 +70,12 @@ def read_file(path: Path) -> object:
 def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(state dict as stored, metadata) from a weights file; metadata holds what a tresfinetune checkpoint adds."""
     path = Path(path)
-    obj = read_file(path)
+    return unwrap_state_dict(read_file(path), path)
+
+
+def unwrap_state_dict(obj: object, path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state dict, metadata) from a loaded file's object: the inference weights of a tresfinetune checkpoint,
+    the state dict inside the authors' / ASL / 21k wrappers, without DataParallel, DDP or EMA prefixes."""
     meta: dict = {}
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
         which = obj.get("inference", "model")
