@@ -1,6 +1,7 @@
 """Our TResNet vs timm's, same run, CPU: eval img/s, train img/s, activation bytes saved for backward.
 
     python benchmarks/model_vs_timm.py [--model tresnet_m] [--batch 8] [--size 224] [--iters 5] [--threads 1]
+                                       [--weights FILE]
 
 Both models get the same weights (ours converted to timm's layout). Timings are interleaved (ours, timm, ours,
 timm, ...) after a warm-up, and the median is reported, so drifting machine load hits both alike. Time is the
@@ -8,7 +9,10 @@ process's CPU time: with one thread that is the work done, while on a shared mac
 the neighbours (pass --wall to use it anyway). Saved bytes are
 counted exactly with torch.autograd.graph.saved_tensors_hooks over one training forward: every tensor autograd
 keeps, deduplicated by storage (a tensor saved by two ops, or views of one buffer, count once), parameters and
-buffers excluded. Not a test: run it by hand; it needs timm.
+buffers excluded; they are counted in float32 and under bf16 autocast. Under 16-bit autocast our norm layers keep
+the input of channels whose |bias| / scale is large (see models/norm.py), so that figure depends on the weights:
+`--weights FILE` loads a TResNet file (the authors' or timm's) into both models, else both start from our random
+initialisation (biases 0: no channel keeps its input). Not a test: run it by hand; it needs timm.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import torch.nn.functional as F
 from timing import interleaved_seconds
 
 
-def saved_activation_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
+def saved_activation_bytes(model: torch.nn.Module, x: torch.Tensor, amp: torch.dtype | None = None) -> int:
     weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     storages: dict[int, int] = {}
 
@@ -32,7 +36,8 @@ def saved_activation_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
         return t
 
     model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    autocast = torch.autocast("cpu", dtype=amp, enabled=amp is not None)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
         out = model(x)
     del out
     return sum(storages.values())
@@ -52,6 +57,7 @@ def main() -> None:
     import timm
 
     from tresfinetune.models import create_model, ours_to_timm
+    from tresfinetune.models.norm import KEEP_INPUT_RATIO
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="tresnet_m")
@@ -60,12 +66,13 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--wall", action="store_true", help="time with wall clock instead of CPU time")
+    parser.add_argument("--weights", help="a TResNet weights file for both models (default: random init)")
     args = parser.parse_args()
     clock = time.perf_counter if args.wall else time.process_time
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    ours = create_model(args.model, num_classes=1000, slopes="timm")
+    ours = create_model(args.model, num_classes=1000, slopes="timm", weights=args.weights)
     reference = timm.create_model(args.model, num_classes=1000)
     reference.load_state_dict(ours_to_timm(ours.state_dict()))
     models = {"ours": ours, "timm": reference}
@@ -73,6 +80,10 @@ def main() -> None:
     y = torch.randint(0, 1000, (args.batch,))
 
     saved = {name: saved_activation_bytes(m, x) for name, m in models.items()}
+    saved_bf16 = {name: saved_activation_bytes(m, x, torch.bfloat16) for name, m in models.items()}
+    norms = ours.norm_layers()
+    kept = sum(int((n.bias.abs() > KEEP_INPUT_RATIO * (n.weight.abs() + n.eps)).sum()) for n in norms)
+    channels = sum(n.num_features for n in norms)
     for m in models.values():
         m.eval()
     eval_steps = {name: (lambda m=m: eval_step(m, x)) for name, m in models.items()}
@@ -92,9 +103,11 @@ def main() -> None:
         ("eval img/s", args.batch / eval_s["ours"], args.batch / eval_s["timm"]),
         ("train img/s (fwd+bwd)", args.batch / train_s["ours"], args.batch / train_s["timm"]),
         ("saved activations (MiB)", saved["ours"] / 2**20, saved["timm"] / 2**20),
+        ("saved activations bf16 (MiB)", saved_bf16["ours"] / 2**20, saved_bf16["timm"] / 2**20),
     ]
     for label, a, b in rows:
         print(f"| {label:<28} | {a:>10.2f} | {b:>10.2f} | {a / b:>9.3f} |")
+    print(f"bf16: {kept} of {channels} norm channels ({100 * kept / channels:.1f}%) keep their input for backward")
 
 
 if __name__ == "__main__":
