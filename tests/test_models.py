@@ -73,7 +73,7 @@ def test_anti_alias_is_binomial_blur_with_reflect_pad_and_stride_2():
     for i in range(4):
         for j in range(3):
             want[:, :, i, j] = (padded[:, :, 2 * i:2 * i + 3, 2 * j:2 * j + 3] * kernel).sum((-1, -2))
-    torch.testing.assert_close(AntiAliasDownsample()(x), want)
+    torch.testing.assert_close(AntiAliasDownsample(4)(x), want)
 
 
 def test_init_follows_the_paper(small_m):
@@ -200,3 +200,32 @@ def test_models_command_prints_the_table():
     for text in ["tresnet_m", "31.4", "5.7", "tresnet_v2_l", "46.2", "tresnet_l.miil_in1k (81.5)",
                  "tresnet_v2_l.miil_in21k_ft_in1k (83.9)", "tresnet_xl.miil_in1k_448 (83.1, 448px)"]:
         assert text in result.output, text
+
+
+def test_reflect_pad_matches_pytorch_keeps_channels_last_and_avoids_reflection_pad():
+    """CUDA's reflection-pad backward is nondeterministic and its output contiguous: the model uses neither."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from tresfinetune.models.tresnet import reflect_pad_1
+
+    class Ops(TorchDispatchMode):
+        seen: set = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(2, 5, 7, 6, dtype=torch.float64).contiguous(memory_format=torch.channels_last).requires_grad_()
+    grad = torch.randn(2, 5, 9, 8, dtype=torch.float64)
+    want = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    (want_grad,) = torch.autograd.grad(want, x, grad)
+    with Ops() as ops:
+        got = reflect_pad_1(x)
+        (got_grad,) = torch.autograd.grad(got, x, grad)
+        AntiAliasDownsample(5).to(torch.float64)(x).sum().backward()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(got_grad, want_grad)  # the same sums, in another order
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert not any("reflection_pad" in op for op in ops.seen), ops.seen
+    blur = AntiAliasDownsample(5)
+    assert "filter" in dict(blur.named_buffers()) and "filter" not in blur.state_dict()

@@ -10,6 +10,7 @@ then (x - mean) / std with data.mean / data.std (TResNet's weights want neither,
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 import random
 import re
@@ -277,6 +278,13 @@ def to_model_input(
     if images.dtype == torch.uint8:
         x.mul_(1.0 / 255.0)
     if any(m != 0 for m in mean) or any(v != 1 for v in std):
-        shape = (1, -1, 1, 1)
-        x.sub_(torch.tensor(mean, device=x.device).view(shape)).div_(torch.tensor(std, device=x.device).view(shape))
+        mean_tensor, std_tensor = _normalisation_tensors(tuple(mean), tuple(std), x.device)
+        x.sub_(mean_tensor).div_(std_tensor)
     return x
+
+
+@functools.lru_cache(maxsize=16)
+def _normalisation_tensors(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """mean and std as (1, 3, 1, 1) tensors on `device`, made once: a host-to-device copy per batch would stall."""
+    shape = (1, -1, 1, 1)
+    return torch.tensor(mean, device=device).view(shape), torch.tensor(std, device=device).view(shape)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tresfinetune.models.norm import NormAct
-from tresfinetune.models.tresnet import AntiAliasDownsample, ConvNormAct, blur_filter
+from tresfinetune.models.tresnet import AntiAliasDownsample, ConvNormAct
 
 
 class ConvLeakyReLU(nn.Conv2d):
@@ -50,36 +50,26 @@ def fuse_conv_norm_act(unit: ConvNormAct) -> nn.Conv2d:
     return fused
 
 
-def blur_downsample_conv(channels: int, like: torch.Tensor) -> nn.Conv2d:
+def blur_downsample_conv(blur: AntiAliasDownsample) -> nn.Conv2d:
     """The anti-alias downsample as a fixed depthwise Conv2d: 3x3 blur, reflect padding 1, stride 2."""
+    channels = blur.filter.shape[0]
     conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1, padding_mode="reflect", groups=channels,
-                     bias=False, device=like.device, dtype=like.dtype)
+                     bias=False, device=blur.filter.device, dtype=blur.filter.dtype)
     with torch.no_grad():
-        conv.weight.copy_(blur_filter(channels, like.dtype, like.device))
+        conv.weight.copy_(blur.filter)
     return conv
 
 
-def _last_conv(module: nn.Module) -> nn.Conv2d | None:
-    convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
-    return convs[-1] if convs else None
-
-
 def _fuse_children(parent: nn.Module) -> None:
-    previous: nn.Module | None = None
     for name, child in list(parent.named_children()):
         if isinstance(child, ConvNormAct):
             child = fuse_conv_norm_act(child)
             setattr(parent, name, child)
         elif isinstance(child, AntiAliasDownsample):
-            # The blur runs on the output of the unit before it; that unit's conv gives the channel count.
-            source = _last_conv(previous) if previous is not None else None
-            if source is None:
-                raise ValueError("an anti-alias downsample must follow a convolution to be fused")
-            child = blur_downsample_conv(source.out_channels, source.weight)
+            child = blur_downsample_conv(child)
             setattr(parent, name, child)
         else:
             _fuse_children(child)
-        previous = child
 
 
 @torch.no_grad()

@@ -38,21 +38,37 @@ class SpaceToDepth(nn.Module):
         return x.reshape(n, h // b, w // b, b * b * c).permute(0, 3, 1, 2)
 
 
-def blur_filter(channels: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The fixed anti-alias filter outer([1, 2, 1], [1, 2, 1]) / 16, one per channel (depthwise)."""
-    taps = torch.tensor([1.0, 2.0, 1.0], dtype=dtype, device=device)
-    return (torch.outer(taps, taps) / 16).expand(channels, 1, 3, 3)
+def blur_filter(channels: int) -> torch.Tensor:
+    """The fixed anti-alias filter outer([1, 2, 1], [1, 2, 1]) / 16, one per channel (depthwise), float32."""
+    taps = torch.tensor([1.0, 2.0, 1.0])
+    return (torch.outer(taps, taps) / 16).expand(channels, 1, 3, 3).contiguous()
+
+
+def reflect_pad_1(x: torch.Tensor) -> torch.Tensor:
+    """F.pad(x, (1, 1, 1, 1), mode="reflect") built from slices and concatenation.
+
+    Its backward is slicing and adding, deterministic on every device (CUDA's reflection-pad backward is not, so
+    `deterministic: true` could not train), and the result keeps x's memory format (CUDA's reflection pad makes a
+    contiguous copy, which would flip a channels-last network's layout at every downsampling).
+    """
+    x = torch.cat([x[:, :, 1:2], x, x[:, :, -2:-1]], dim=2)
+    return torch.cat([x[:, :, :, 1:2], x, x[:, :, :, -2:-1]], dim=3)
 
 
 class AntiAliasDownsample(nn.Module):
     """Blur then subsample by 2: reflect pad 1 and a fixed 3x3 depthwise filter at stride 2.
 
-    The filter is made on the fly, so it is not part of the state dict (neither is it in the authors' files).
+    The filter is a non-persistent buffer: it moves with the model, and stays out of the state dict (as in the
+    authors' files).
     """
 
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.register_buffer("filter", blur_filter(channels), persistent=False)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.pad(x, (1, 1, 1, 1), mode="reflect")
-        return F.conv2d(x, blur_filter(x.shape[1], x.dtype, x.device), stride=2, groups=x.shape[1])
+        weight = self.filter if self.filter.dtype == x.dtype else self.filter.to(x.dtype)
+        return F.conv2d(reflect_pad_1(x), weight, stride=2, groups=x.shape[1])
 
 
 class ConvNormAct(nn.Sequential):
@@ -104,7 +120,7 @@ def conv_norm_act(in_channels: int, out_channels: int, kernel_size: int, slope: 
                   stride: int = 1) -> nn.Module:
     """A conv-ABN unit; stride 2 runs the conv at stride 1 and then the anti-alias downsample."""
     unit = ConvNormAct(in_channels, out_channels, kernel_size, slope)
-    return nn.Sequential(unit, AntiAliasDownsample()) if stride == 2 else unit
+    return nn.Sequential(unit, AntiAliasDownsample(out_channels)) if stride == 2 else unit
 
 
 class SqueezeExcite(nn.Module):
