@@ -91,3 +91,27 @@ def test_cli_table_and_json(tmp_path):
     assert "train img/s" in result.output and "infer img/s" in result.output and "fused inference" in result.output
     numbers = json.loads((tmp_path / "b.json").read_text())
     assert numbers["model"] == "tresnet_m" and numbers["infer_img_per_s"] > 0
+
+
+def test_library_allocation_failures_count_as_out_of_memory():
+    from tresfinetune.benchmark import is_out_of_memory
+
+    assert is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"))
+    assert is_out_of_memory(RuntimeError("cuDNN error: CUDNN_STATUS_NOT_ENOUGH_WORKSPACE"))
+    assert not is_out_of_memory(RuntimeError("CUDA error: an illegal memory access was encountered"))
+
+    def step(images, targets):
+        if len(images) > 5:
+            raise RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED")
+
+    assert largest_cuda_batch(step, 32, 10, torch.device("cpu"), channels_last=False) == 5
+
+
+def test_amp_picks_fp16_on_gpus_without_native_bf16():
+    from tresfinetune.runtime import half_dtype_for_capability
+
+    assert half_dtype_for_capability((7, 0)) == torch.float16  # V100: bf16 only emulated
+    assert half_dtype_for_capability((7, 5)) == torch.float16  # T4
+    assert half_dtype_for_capability((8, 0)) == torch.bfloat16  # A100
+    assert half_dtype_for_capability((9, 0)) == torch.bfloat16  # H100

@@ -1,6 +1,7 @@
 """End-to-end training on CPU at 32 px: the real model, data, loss and loop on a few dozen images."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -19,7 +20,8 @@ from tresfinetune.checkpoint import load_checkpoint
 from tresfinetune.cli import cli
 from tresfinetune.errors import UserError
 from tresfinetune.recipe import recipe_from_dict
-from tresfinetune.train import amp_dtype_for, train
+from tresfinetune.runtime import amp_dtype_for
+from tresfinetune.train import train
 
 DIGITS = {
     "model": {"name": "tresnet_m", "weights": "none"},
@@ -113,7 +115,7 @@ def test_schedule_features_run_together(tmp_path):
     raw["schedule"] = {"name": "cosine", "warmup_epochs": 1}
     raw["loss"] = {"name": "cross_entropy", "options": {"label_smoothing": 0.1}}
     recipe = recipe_from_dict(raw)
-    assert amp_dtype_for(recipe, torch.device("cpu")) == torch.bfloat16
+    assert amp_dtype_for(recipe.amp, torch.device("cpu")) == torch.bfloat16
     result = train(recipe, output=tmp_path / "run", progress=False)
     assert len(result.history) == 2
     assert all(np.isfinite(r["train_loss"]) for r in result.history)
@@ -223,3 +225,12 @@ def test_resume_with_other_classes_is_a_clear_error(tmp_path):
     data = {"name": "multilabel_csv", "root": str(tmp_path), "csv": "labels.csv"}
     with pytest.raises(UserError, match="do not fit a tresnet_m with 2 classes"):
         train(resume=tmp_path / "run", overrides=["epochs=2", f"data={json.dumps(data)}"])
+
+
+def test_resume_with_another_amp_setting(tmp_path):
+    """A bf16 run saves an empty GradScaler state; resuming it with fp16 (and that with none) starts a fresh one."""
+    train(recipe_from_dict(digits_recipe(epochs=1, amp="bf16")), output=tmp_path / "run", progress=False)
+    for epochs, amp in ((2, "fp16"), (3, "none")):
+        result = train(resume=tmp_path / "run", overrides=[f"epochs={epochs}", f"amp={amp}"], progress=False)
+        assert result.history[-1]["epoch"] == epochs
+        assert math.isfinite(result.history[-1]["train_loss"])

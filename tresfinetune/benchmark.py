@@ -26,6 +26,7 @@ from rich.table import Table
 from torch import nn
 
 from tresfinetune.errors import UserError
+from tresfinetune.runtime import autocast, half_dtype
 
 AUTO_FRACTION = 0.9  # measure at this fraction of the largest batch, as the paper did
 CPU_MAX_BATCH = 64
@@ -123,10 +124,6 @@ class PeakMemory:
 # ---- the measured steps -------------------------------------------------------------------------------------------
 
 
-def _autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
-
-
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -146,7 +143,7 @@ def make_train_step(model: nn.Module, device: torch.device, amp_dtype: torch.dty
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     def step(images: torch.Tensor, targets: torch.Tensor) -> None:
-        with _autocast(device, amp_dtype):
+        with autocast(device, amp_dtype):
             loss = F.cross_entropy(model(images), targets)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -158,7 +155,7 @@ def make_train_step(model: nn.Module, device: torch.device, amp_dtype: torch.dty
 
 def make_infer_step(model: nn.Module, device: torch.device, amp_dtype: torch.dtype | None) -> Callable:
     def step(images: torch.Tensor, _targets: torch.Tensor) -> None:
-        with torch.inference_mode(), _autocast(device, amp_dtype):
+        with torch.inference_mode(), autocast(device, amp_dtype):
             model(images)
 
     return step
@@ -185,14 +182,28 @@ def _free_cuda() -> None:
     torch.cuda.empty_cache()
 
 
+# What cuBLAS and cuDNN say when they cannot get their workspace: out of memory too, under another name.
+LIBRARY_OUT_OF_MEMORY = ("CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED", "CUDNN_STATUS_NOT_ENOUGH_WORKSPACE",
+                         "CUDNN_STATUS_MAPPING_ERROR", "out of memory")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for CUDA's out-of-memory error and for the allocation failures cuBLAS/cuDNN report as RuntimeError."""
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and any(marker in str(error) for marker in LIBRARY_OUT_OF_MEMORY)
+
+
 def _fits(step: Callable, batch_size: int, input_size: int, num_classes: int, device: torch.device,
           channels_last: bool) -> bool:
     try:
         step(*_random_batch(batch_size, input_size, num_classes, device, channels_last))
         _synchronize(device)
         return True
-    except torch.cuda.OutOfMemoryError:
-        return False
+    except RuntimeError as e:  # torch.cuda.OutOfMemoryError is one
+        if is_out_of_memory(e):
+            return False
+        raise
     finally:
         if device.type == "cuda":
             _free_cuda()
@@ -231,7 +242,7 @@ def saved_activation_bytes(model: nn.Module, images: torch.Tensor, amp_dtype: to
         storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), _autocast(images.device, amp_dtype):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), autocast(images.device, amp_dtype):
         model(images)
     return sum(storages.values())
 
@@ -262,20 +273,23 @@ def estimated_cpu_batch(model: nn.Module, input_size: int, device: torch.device,
 # ---- the benchmark ------------------------------------------------------------------------------------------------
 
 
-def _amp_dtype(amp: bool, device: torch.device) -> torch.dtype | None:
-    if not amp:
-        return None
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16
-
-
 def _device(name: str) -> torch.device:
     if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
         raise UserError(f"--device must be cpu or cuda, got {name!r}")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu")
     return torch.device(name)
+
+
+@contextlib.contextmanager
+def _cudnn_autotuner() -> Iterator[None]:
+    """cuDNN's autotuner on for the block (it picks the fastest convolution algorithms, as training does)."""
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
 
 
 @contextlib.contextmanager
@@ -333,10 +347,10 @@ def benchmark(
     if warmup < 0 or steps < 1:
         raise UserError(f"need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
     torch_device = _device(device)
-    amp_dtype = _amp_dtype(amp, torch_device)
+    amp_dtype = half_dtype(torch_device) if amp else None
     notes: list[str] = []
 
-    with _threads(threads):
+    with _threads(threads), _cudnn_autotuner():
         model = create_model(model_name, num_classes=num_classes).to(torch_device)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)

@@ -114,4 +114,10 @@ def set_rng_state(state: dict) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        for index, cuda_state in restorable_cuda_states(state["cuda"], torch.cuda.device_count()):
+            torch.cuda.set_rng_state(cuda_state, index)
+
+
+def restorable_cuda_states(states: list[torch.Tensor], device_count: int) -> list[tuple[int, torch.Tensor]]:
+    """(GPU index, RNG state) pairs to restore: a run resumed on fewer GPUs restores those it has."""
+    return list(enumerate(states))[:device_count]

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from tresfinetune.errors import UserError
+
 
 @dataclass(frozen=True)
 class World:
@@ -48,17 +50,38 @@ def error_prefix(shared: bool) -> str | None:
     return f"rank {os.environ['RANK']}: "
 
 
-def init_world(device: torch.device) -> World:
-    """Join the process group torchrun describes (NCCL on CUDA, gloo on CPU); a world of one otherwise."""
+def world_from_environment() -> World:
+    """This process's place in the run torchrun describes; a world of one otherwise."""
     if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
         return World()
-    world = World(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
+    return World(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
+
+
+def process_device(requested: torch.device, world: World, cuda_devices: int) -> torch.device:
+    """The device this process runs on: under torchrun on CUDA, the process of local rank r takes cuda:r."""
+    if requested.type != "cuda" or not world.distributed:
+        return requested
+    if requested.index is not None:
+        raise UserError(f"device '{requested}' would put every torchrun process on the same GPU; use device: cuda "
+                        "(or auto), and each process takes the GPU of its LOCAL_RANK")
+    if world.local_rank >= cuda_devices:
+        raise UserError(f"this process has LOCAL_RANK {world.local_rank} but PyTorch sees {cuda_devices} GPU(s) on "
+                        f"this machine; start torchrun with --nproc-per-node {cuda_devices} or fewer")
+    return torch.device("cuda", world.local_rank)
+
+
+def init_world(world: World, device: torch.device) -> None:
+    """Join the process group of a distributed world (NCCL on CUDA, bound to `device`; gloo on CPU)."""
+    if not world.distributed:
+        return
     if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
     global _world_started
     _world_started = True
-    return world
 
 
 def close_world(world: World) -> None:

@@ -98,7 +98,7 @@ def evaluate(
     from tresfinetune.datasets.loaders import BadImageLog, ImageDataset, ImageLoader
     from tresfinetune.datasets.transforms import build_transforms
     from tresfinetune.models.from_checkpoint import load_checkpoint_model
-    from tresfinetune.train import amp_dtype_for, resolve_device
+    from tresfinetune.runtime import amp_dtype_for, resolve_device
 
     if tta not in (None, "none", "flip"):
         raise UserError(f"--tta must be 'flip' (or left out), got {tta!r}")
@@ -122,7 +122,7 @@ def evaluate(
     if channels_last:
         model.to(memory_format=torch.channels_last)
     scores, targets = collect_scores(model, loader, torch_device, model.task, model.mean, model.std,
-                                     amp_dtype_for(recipe, torch_device), channels_last, tta_flip=tta == "flip")
+                                     amp_dtype_for(recipe.amp, torch_device), channels_last, tta_flip=tta == "flip")
     if len(scores) == 0:
         raise UserError(f"none of the {len(samples)} images of split '{split}' could be read")
 

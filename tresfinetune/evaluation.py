@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import torch
 from torch import nn
 
 from tresfinetune.datasets.transforms import to_model_input
 from tresfinetune.metrics import mean_average_precision, topk_accuracy
+from tresfinetune.runtime import autocast
 
 SINGLE_LABEL = "single-label"
 MULTI_LABEL = "multi-label"
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
 
 
 @torch.no_grad()

@@ -169,7 +169,7 @@ def predict(
     below it. Files that cannot be decoded are skipped and listed in `unreadable`.
     """
     from tresfinetune.models.from_checkpoint import load_checkpoint_model
-    from tresfinetune.train import resolve_device
+    from tresfinetune.runtime import resolve_device
 
     if top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {top_k}")

@@ -39,12 +39,13 @@ from tresfinetune.datasets import build_loaders
 from tresfinetune.datasets.transforms import to_model_input
 from tresfinetune.distributed import World
 from tresfinetune.errors import UserError
-from tresfinetune.evaluation import MULTI_LABEL, SINGLE_LABEL, autocast, collect_scores, compute_metrics, main_metric
+from tresfinetune.evaluation import MULTI_LABEL, SINGLE_LABEL, collect_scores, compute_metrics, main_metric
 from tresfinetune.losses import build_loss
 from tresfinetune.metrics import tune_thresholds
 from tresfinetune.models import create_model
 from tresfinetune.optim import Mixup, ModelEma, build_optimizer, build_scheduler
 from tresfinetune.recipe import Recipe, load_recipe, recipe_from_dict, recipe_to_dict
+from tresfinetune.runtime import amp_dtype_for, autocast, resolve_device
 
 log = logging.getLogger("tresfinetune")
 
@@ -68,23 +69,6 @@ class TrainResult:
     @property
     def best_checkpoint(self) -> Path:
         return self.run_dir / "best.pt"
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device '{name}' was asked for but PyTorch sees no CUDA GPU; use --set device=cpu")
-    return torch.device(name)
-
-
-def amp_dtype_for(recipe: Recipe, device: torch.device) -> torch.dtype | None:
-    """auto: bf16 on GPUs that have it, else fp16; off on CPU (slower there). bf16 also works on CPU."""
-    if recipe.amp == "none" or (recipe.amp == "auto" and device.type != "cuda"):
-        return None
-    if recipe.amp == "fp16" or (recipe.amp == "auto" and not torch.cuda.is_bf16_supported()):
-        return torch.float16
-    return torch.bfloat16
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -180,6 +164,18 @@ def _set_backbone_frozen(model: nn.Module, frozen: bool) -> None:
                 child.eval()
 
 
+def _training_module(model: nn.Module, world: World, device: torch.device, find_unused: bool,
+                     compile: bool) -> nn.Module:
+    """What the training step calls: `model` in DDP under torchrun (searching for parameters that get no gradient
+    only while part of the model is frozen), compiled when the recipe asks."""
+    wrapped = model
+    if world.distributed:
+        wrapped = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=find_unused,
+        )
+    return torch.compile(wrapped) if compile else wrapped
+
+
 def train(
     recipe: Recipe | None = None,
     output: str | Path | None = None,
@@ -208,11 +204,10 @@ def train(
         if (run_dir / "last.pt").exists():
             raise UserError(f"'{run_dir}' already holds a run; continue it with --resume {run_dir} or pick another -o")
 
+    world = distributed.world_from_environment()
     device = resolve_device(recipe.device)
-    world = distributed.init_world(device)
-    if world.distributed and device.type == "cuda":
-        device = torch.device("cuda", world.local_rank)
-        torch.cuda.set_device(device)
+    device = distributed.process_device(device, world, torch.cuda.device_count() if device.type == "cuda" else 0)
+    distributed.init_world(world, device)
     run_dir = distributed.broadcast_object(run_dir, world)
     try:
         return _train(recipe, run_dir, ckpt, device, world, console, progress and world.is_main)
@@ -255,28 +250,21 @@ def _train(
     steps_per_epoch = max(1, math.ceil(len(train_loader) / accum))
     optimizer = build_optimizer(model, recipe)
     scheduler = build_scheduler(optimizer, recipe, steps_per_epoch)
-    amp_dtype = amp_dtype_for(recipe, device)
+    amp_dtype = amp_dtype_for(recipe.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
-    train_model: nn.Module = model
-    if world.distributed:
-        if recipe.sync_bn:
-            from tresfinetune.models import convert_sync_norm
+    if world.distributed and recipe.sync_bn:
+        from tresfinetune.models import convert_sync_norm
 
-            convert_sync_norm(model)
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=recipe.freeze_backbone_epochs > 0,
-        )
-    if recipe.compile:
-        train_model = torch.compile(train_model)
+        convert_sync_norm(model)
 
     state = {"epoch": 0, "step": 0, "best_metric": None, "best_epoch": None, "epochs_without_improvement": 0,
              "loss_sum": 0.0, "loss_count": 0}
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
+        if scaler.is_enabled() and ckpt["scaler"]:  # empty when the run started with bf16 or without AMP
+            scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
         for key in state:
             state[key] = ckpt.get(key, state[key])
@@ -285,6 +273,8 @@ def _train(
             console.print(f"Resuming [bold]{run_dir}[/] at {where}")
     if state["epoch"] >= recipe.epochs:
         raise UserError(f"'{run_dir}' already finished {state['epoch']} epochs; raise it with --set epochs=N")
+    searching_unused = state["epoch"] < recipe.freeze_backbone_epochs
+    train_model = _training_module(model, world, device, searching_unused, recipe.compile)
 
     metric_name = main_metric(task)
     # The run folder appears only once data, weights and model are known to be good: a failed start leaves nothing.
@@ -336,6 +326,10 @@ def _train(
                     train_loader.sampler.set_epoch(epoch)
                 if hasattr(train_loader.dataset, "set_epoch"):
                     train_loader.dataset.set_epoch(epoch)
+                if searching_unused and epoch >= recipe.freeze_backbone_epochs:
+                    # The backbone trains from now on: DDP's per-step search for unused parameters would be waste.
+                    searching_unused = False
+                    train_model = _training_module(model, world, device, searching_unused, recipe.compile)
                 train_model.train()
                 _set_backbone_frozen(model, epoch < recipe.freeze_backbone_epochs)
                 skip = state["step"]
