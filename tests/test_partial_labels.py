@@ -259,3 +259,87 @@ def test_data_check_counts_positives_negatives_unknowns(tmp_path):
     assert "split 'train': 1 class(es) have no positive image: dog" in result.output
     assert "unknowns" in result.output
     assert json.loads((tmp_path / "r.json").read_text())["splits"]["train"]["labels"]["overall"]["unknowns"] == 3
+
+
+# ---- training -------------------------------------------------------------------------------------------------------
+
+
+def write_partial_colour_csv(root: Path, n: int = 20) -> None:
+    """Red and/or blue squares; one label in three is unknown (empty cell or -1)."""
+    rng = np.random.default_rng(0)
+    lines = ["image,red,blue"]
+    for i in range(n):
+        image = np.full((40, 40, 3), 128, np.uint8)
+        red, blue = i % 2 == 0, i % 3 == 0
+        if red:
+            image[2:18, 2:18] = (255, 0, 0)
+        if blue:
+            image[22:38, 22:38] = (0, 0, 255)
+        image = np.clip(image + rng.integers(-10, 10, image.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(image).save(root / f"img{i}.png")
+        cells = [str(int(red)), str(int(blue))]
+        cells[i % 2] = ("", "-1", cells[i % 2])[i % 3]
+        lines.append(f"img{i}.png,{','.join(cells)}")
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+
+
+def partial_run_recipe(root: Path, **loss) -> dict:
+    return {
+        "model": {"name": "tresnet_m", "weights": "none"}, "input_size": 32,
+        "data": {"name": "multilabel_csv", "root": str(root), "csv": "labels.csv", "val_fraction": 0.3},
+        "transforms": {"train": [{"Resize": {"height": 32, "width": 32}}],
+                       "val": [{"Resize": {"height": 32, "width": 32}}]},
+        "epochs": 2, "batch_size": 8, "workers": 0, "optimizer": {"name": "adamw", "lr": 0.002},
+        "loss": {"name": "asl", **loss},
+    }
+
+
+def run_and_read_start_line(recipe: dict, output: Path, **kwargs) -> tuple[object, str]:
+    import io
+
+    from rich.console import Console
+
+    from tresfinetune.train import train
+
+    buffer = io.StringIO()
+    result = train(recipe_from_dict(recipe) if recipe else None, output=output, progress=False,
+                   console=Console(file=buffer, width=400), **kwargs)
+    return result, buffer.getvalue()
+
+
+@pytest.mark.parametrize("mode", [None, "negative", "ignore"])
+def test_training_with_each_plain_mode(tmp_path, mode):
+    write_partial_colour_csv(tmp_path)
+    result, output = run_and_read_start_line(partial_run_recipe(tmp_path, partial=mode), tmp_path / "run")
+    assert f"unknown labels: {mode or 'ignore'}" in output  # ignore is the default on data with unknowns
+    assert all(0 <= row["val_map"] <= 100 and np.isfinite(row["train_loss"]) for row in result.history)
+    assert not (tmp_path / "run" / "class_prior.csv").exists()
+
+
+def test_selective_training_estimates_the_prior_and_resumes_with_it(tmp_path):
+    from tresfinetune.checkpoint import load_checkpoint
+
+    write_partial_colour_csv(tmp_path)
+    recipe = partial_run_recipe(tmp_path, partial="selective", prior_threshold=0.5, likelihood_topk=1)
+    recipe["epochs"] = 1
+    _, output = run_and_read_start_line(recipe, tmp_path / "run")
+    assert "unknown labels: selective, ignored during the first 1 epoch(s)" in output
+    prior = read_prior(tmp_path / "run" / "class_prior.csv", ["red", "blue"])
+    assert ((prior > 0) & (prior < 1)).all()
+    last = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert np.allclose(last["label_prior"], prior, rtol=1e-5) and last["prior_estimate"] is None
+
+    result, _ = run_and_read_start_line(None, None, resume=tmp_path / "run", overrides=["epochs=2"])
+    assert [row["epoch"] for row in result.history] == [1, 2] and np.isfinite(result.history[-1]["train_loss"])
+    # A prior from a file replaces the estimate and the warm-up.
+    recipe.update(epochs=1, loss={"name": "bce", "partial": "selective", "prior": str(tmp_path / "run" /
+                                                                                       "class_prior.csv")})
+    _, output = run_and_read_start_line(recipe, tmp_path / "from_file")
+    assert "bce, unknown labels: selective;" in output and not (tmp_path / "from_file" / "class_prior.csv").exists()
+
+
+def test_partial_on_single_label_data_is_a_clear_error(tmp_path):
+    raw = {"model": {"name": "tresnet_m", "weights": "none"}, "input_size": 32, "data": {"name": "digits", "limit": 20},
+           "epochs": 1, "workers": 0, "loss": {"partial": "ignore"}}
+    with pytest.raises(UserError, match="multi-label data only"):
+        run_and_read_start_line(raw, tmp_path / "run")
