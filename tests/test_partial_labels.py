@@ -343,3 +343,28 @@ def test_partial_on_single_label_data_is_a_clear_error(tmp_path):
            "epochs": 1, "workers": 0, "loss": {"partial": "ignore"}}
     with pytest.raises(UserError, match="multi-label data only"):
         run_and_read_start_line(raw, tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_torchrun_gathers_partial_targets_and_the_prior(tmp_path):
+    """Two processes: the prior sums and the validation targets (with their -1) come from both ranks."""
+    import yaml
+
+    from tests.test_distributed import torchrun
+
+    write_partial_colour_csv(tmp_path, n=20)  # 16 train images: one global batch of 16, no padding
+    recipe = partial_run_recipe(tmp_path, partial="selective")
+    recipe.update(epochs=1, sync_bn=True, deterministic=True, optimizer={"name": "sgd", "lr": 0.01})
+    recipe["data"]["val_fraction"] = 0.2
+    runs = {}
+    for processes, batch in ((1, 16), (2, 8)):
+        path = tmp_path / f"r{processes}.yaml"
+        path.write_text(yaml.safe_dump({**recipe, "batch_size": batch}))
+        done = torchrun("--standalone", f"--nproc_per_node={processes}", "-m", "tresfinetune", "train", str(path),
+                        "-o", str(tmp_path / f"run{processes}"))
+        assert done.returncode == 0, done.stdout + done.stderr
+        runs[processes] = tmp_path / f"run{processes}"
+    one, two = (read_prior(runs[p] / "class_prior.csv", ["red", "blue"]) for p in (1, 2))
+    assert np.allclose(one, two, rtol=1e-4)
+    maps = [json.loads((runs[p] / "metrics.jsonl").read_text().splitlines()[0])["val_map"] for p in (1, 2)]
+    assert maps[0] == pytest.approx(maps[1], abs=1e-6)
