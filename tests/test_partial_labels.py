@@ -368,3 +368,23 @@ def test_torchrun_gathers_partial_targets_and_the_prior(tmp_path):
     assert np.allclose(one, two, rtol=1e-4)
     maps = [json.loads((runs[p] / "metrics.jsonl").read_text().splitlines()[0])["val_map"] for p in (1, 2)]
     assert maps[0] == pytest.approx(maps[1], abs=1e-6)
+
+
+def test_gamma_unknown_focuses_unknowns_counted_as_negatives():
+    logits, targets = partial_batch(3)
+    loss = PartialLabelLoss(AsymmetricLoss(gamma_neg=1, gamma_pos=0, clip=0), "negative", gamma_unknown=3)
+    dense = targets.clamp(min=0)
+    expected = torch.where(targets == -1, asl_entries(logits, dense, gamma_neg=3, gamma_pos=0, clip=0),
+                           asl_entries(logits, dense, gamma_neg=1, gamma_pos=0, clip=0))
+    assert torch.allclose(loss(logits, targets).double(), expected.sum(), rtol=1e-5)
+    with pytest.raises(UserError, match="gamma_unknown"):
+        PartialLabelLoss(BinaryCrossEntropy(), "negative", gamma_unknown=2)
+
+
+def test_recipe_checks_the_partial_keys():
+    with pytest.raises(UserError, match="loss.partial.*did you mean 'ignore'"):
+        recipe_from_dict({"loss": {"partial": "ignor"}})
+    with pytest.raises(UserError, match="loss.prior_threshold"):
+        recipe_from_dict({"loss": {"prior_threshold": 2}})
+    with pytest.raises(UserError, match="loss.prior_epochs"):
+        recipe_from_dict({"loss": {"prior_epochs": 0}})

@@ -10,6 +10,7 @@ class-aware selective way of the PartialLabelingCSL paper (SPEC.md section 10).
 from __future__ import annotations
 
 import contextlib
+import copy
 import difflib
 import inspect
 from collections.abc import Callable
@@ -215,11 +216,13 @@ class PartialLabelLoss(nn.Module):
       above `prior_threshold` are ignored (the class is likely present where nobody looked); of the rest, the
       `likelihood_topk` x batch-size unknowns the model finds most likely present are ignored too; the others
       count as negatives. Until `set_prior` gives a prior, every unknown is ignored.
+    `gamma_unknown` (ASL only) focuses the unknowns that count as negatives with their own exponent, as the
+    paper's loss does to weigh them less than annotated negatives; None keeps ASL's gamma_neg for them.
     Reduction as the wrapped loss's: "sum", "none" (ignored entries 0), or "mean" over the entries that count.
     """
 
     def __init__(self, loss: nn.Module, mode: str = "ignore", prior_threshold: float = 0.05,
-                 likelihood_topk: int = 5) -> None:
+                 likelihood_topk: int = 5, gamma_unknown: float | None = None) -> None:
         super().__init__()
         if mode not in PARTIAL_MODES:
             raise UserError(f"loss.partial must be one of {', '.join(PARTIAL_MODES)}, not {mode!r}.")
@@ -232,6 +235,13 @@ class PartialLabelLoss(nn.Module):
         self.reduction = loss.reduction
         loss.reduction = "none"  # the wrapper masks entries first, then reduces
         self.loss = loss
+        self.unknown_loss = None
+        if gamma_unknown is not None:
+            if not isinstance(loss, AsymmetricLoss):
+                raise UserError("loss.gamma_unknown is an ASL focusing exponent; use it with loss.name: asl")
+            _check_non_negative("gamma_unknown", gamma_unknown)
+            self.unknown_loss = copy.deepcopy(loss)
+            self.unknown_loss.gamma_neg = gamma_unknown
         self.mode = mode
         self.prior_threshold = prior_threshold
         self.likelihood_topk = likelihood_topk
@@ -266,7 +276,10 @@ class PartialLabelLoss(nn.Module):
         if targets.shape != logits.shape:
             raise UserError(f"Multi-label targets of shape {tuple(targets.shape)} do not match predictions of shape "
                             f"{tuple(logits.shape)}; give one row of 1 / 0 / -1 per sample.")
-        per_entry = self.loss(logits, targets.clamp(min=0))
+        known_targets = targets.clamp(min=0)
+        per_entry = self.loss(logits, known_targets)
+        if self.unknown_loss is not None:
+            per_entry = torch.where(targets == -1, self.unknown_loss(logits, known_targets), per_entry)
         counted = self.counted(logits, targets)
         # where() rather than a product: an ignored entry's gradient is exactly zero, whatever its loss.
         per_entry = torch.where(counted, per_entry, torch.zeros((), dtype=per_entry.dtype, device=per_entry.device))
@@ -277,8 +290,9 @@ class PartialLabelLoss(nn.Module):
         return per_entry
 
     def extra_repr(self) -> str:
-        return (f"mode={self.mode!r}, prior_threshold={self.prior_threshold}, "
-                f"likelihood_topk={self.likelihood_topk}, reduction={self.reduction!r}")
+        gamma_unknown = None if self.unknown_loss is None else self.unknown_loss.gamma_neg
+        return (f"mode={self.mode!r}, prior_threshold={self.prior_threshold}, likelihood_topk={self.likelihood_topk}, "
+                f"gamma_unknown={gamma_unknown}, reduction={self.reduction!r}")
 
 
 def _cross_entropy(label_smoothing: float = 0.1, reduction: str = "mean") -> nn.Module:

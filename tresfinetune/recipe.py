@@ -94,6 +94,7 @@ class LossConfig:
     likelihood_topk: int = 5  # selective: per image of the batch, this many of its most likely unknowns are ignored
     prior: str | None = None  # selective: a CSV of class,prior; None estimates it (see prior_epochs)
     prior_epochs: int = 1  # selective without loss.prior: epochs trained with unknowns ignored to estimate the prior
+    gamma_unknown: float | None = None  # asl: focusing of unknowns counted as negatives; None: options.gamma_neg
 
 
 @dataclass

@@ -251,7 +251,8 @@ def _train(
     has_unknowns = task == MULTI_LABEL and has_unknown_labels(train_loader.dataset.samples)
     partial = partial_labels.choose_partial_mode(recipe.loss.partial, task, has_unknowns)
     if has_unknowns or partial not in (None, "negative"):
-        criterion = PartialLabelLoss(criterion, partial, recipe.loss.prior_threshold, recipe.loss.likelihood_topk)
+        criterion = PartialLabelLoss(criterion, partial, recipe.loss.prior_threshold, recipe.loss.likelihood_topk,
+                                     recipe.loss.gamma_unknown)
     criterion.to(device)
     mixup = Mixup(recipe.mixup, num_classes)
     if mixup.enabled and task == MULTI_LABEL:
