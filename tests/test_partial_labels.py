@@ -90,6 +90,8 @@ def test_selective_mode_ignores_likely_classes_and_the_most_likely_unknowns():
     assert torch.equal(loss.counted(logits, targets), expected)
     entries = asl_entries(logits, targets.clamp(min=0))
     assert torch.allclose(loss(logits, targets).double(), entries[expected].sum(), rtol=1e-5)
+    loss.likelihood_topk = 5  # 10 picks, 5 unknowns: every unknown is ignored
+    assert torch.equal(loss.counted(logits, targets), targets != -1)
 
 
 def test_partial_loss_rejects_bad_options():

@@ -15,6 +15,7 @@ import difflib
 import inspect
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -247,29 +248,29 @@ class PartialLabelLoss(nn.Module):
         self.likelihood_topk = likelihood_topk
         self.register_buffer("prior", None)
 
-    def set_prior(self, prior: torch.Tensor | None) -> None:
+    def set_prior(self, prior: torch.Tensor | np.ndarray | list[float] | None) -> None:
         """The label prior per class (C,): how often each class is present, for the selective mode."""
-        self.prior = None if prior is None else torch.as_tensor(prior, dtype=torch.float32, device=self._device())
+        self.prior = None if prior is None else torch.as_tensor(prior, dtype=torch.float32)
 
-    def _device(self) -> torch.device:
-        buffers = [b for b in self.buffers() if b is not None]
-        return buffers[0].device if buffers else torch.device("cpu")
-
+    @torch.no_grad()
     def counted(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Boolean (N, C): the entries that contribute to the loss."""
+        """Boolean (N, C): the entries that contribute to the loss. Free of host syncs, so the GPU never waits."""
         unknown = targets == -1
         if self.mode == "negative":
             return torch.ones_like(unknown)
         if self.mode == "ignore" or self.prior is None:
             return ~unknown
-        as_negative = unknown & (self.prior.to(logits.device) <= self.prior_threshold)
-        top_k = min(self.likelihood_topk * logits.shape[0], int(unknown.sum()))
+        if self.prior.device != logits.device:
+            self.prior = self.prior.to(logits.device)
+        as_negative = unknown & (self.prior <= self.prior_threshold)
+        top_k = min(self.likelihood_topk * logits.shape[0], logits.numel())
         if top_k > 0:
-            # The batch's most likely unknowns, among all its unknowns as in the authors' code.
-            unknown_index = unknown.flatten().nonzero().squeeze(1)
-            with torch.no_grad():
-                likely = logits.detach().flatten()[unknown_index].topk(top_k).indices
-            as_negative = as_negative.flatten().index_fill(0, unknown_index[likely], False).view_as(unknown)
+            # The batch's most likely unknowns, ranked among all its unknowns as in the authors' code; known
+            # entries rank last at -inf, and a pick at -inf (fewer unknowns than top_k) is no unknown.
+            likelihood = torch.where(unknown, logits.detach().float(), float("-inf")).flatten()
+            values, picks = likelihood.topk(top_k)
+            likely = torch.zeros_like(likelihood, dtype=torch.bool).scatter_(0, picks, values > float("-inf"))
+            as_negative &= ~likely.view_as(unknown)
         return ~unknown | as_negative
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
