@@ -215,6 +215,21 @@ def test_openimages_reads_its_csv_layout(tmp_path):
     assert [np.asarray(s.target).tolist() for s in val] == [[-1, -1, 1]]  # /m/0xnew is not a training class
 
 
+def test_openimages_targets_reach_the_batches_with_their_unknowns(tmp_path):
+    from tresfinetune.datasets import build_loaders
+
+    write_openimages(tmp_path)
+    recipe = recipe_from_dict({"data": {"name": "openimages", "root": str(tmp_path)}, "input_size": 32,
+                               "batch_size": 2, "workers": 0,
+                               "transforms": {"train": [{"Resize": {"height": 32, "width": 32}}],
+                                              "val": [{"Resize": {"height": 32, "width": 32}}]}})
+    train_loader, val_loader, _ = build_loaders(recipe)
+    images, targets = next(iter(val_loader))
+    assert images.shape == (1, 32, 32, 3) and targets.tolist() == [[-1, -1, 1]]
+    _, targets = next(iter(train_loader))
+    assert targets.dtype == torch.float32 and sorted(targets.tolist()) == [[-1, 1, 0], [1, -1, -1]]
+
+
 def test_openimages_errors(tmp_path):
     with pytest.raises(UserError, match="oidv6-train-annotations-human-imagelabels.csv"):
         write_image(tmp_path / "x.jpg")
@@ -316,6 +331,12 @@ def test_training_with_each_plain_mode(tmp_path, mode):
     assert f"unknown labels: {mode or 'ignore'}" in output  # ignore is the default on data with unknowns
     assert all(0 <= row["val_map"] <= 100 and np.isfinite(row["train_loss"]) for row in result.history)
     assert not (tmp_path / "run" / "class_prior.csv").exists()
+    if mode == "ignore":  # evaluate reads the same partial targets and leaves the unknowns out
+        from tresfinetune.evaluate import evaluate
+
+        report = evaluate(tmp_path / "run", workers=0, plot=False).report
+        assert report["map"] == pytest.approx(max(row["val_map"] for row in result.history))
+        assert sum(row["unknowns"] for row in report["per_class"]) > 0
 
 
 def test_selective_training_estimates_the_prior_and_resumes_with_it(tmp_path):
