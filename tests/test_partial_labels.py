@@ -411,3 +411,5 @@ def test_recipe_checks_the_partial_keys():
         recipe_from_dict({"loss": {"prior_threshold": 2}})
     with pytest.raises(UserError, match="loss.prior_epochs"):
         recipe_from_dict({"loss": {"prior_epochs": 0}})
+    with pytest.raises(UserError, match="selective only"):
+        recipe_from_dict({"loss": {"partial": "ignore", "prior": "prior.csv"}})

@@ -322,6 +322,9 @@ def validate(recipe: Recipe) -> None:
         raise UserError(f"recipe key 'loss.prior_threshold' must be in [0, 1], got {recipe.loss.prior_threshold}")
     _positive(recipe.loss.likelihood_topk, "loss.likelihood_topk", allow_zero=True)
     _positive(recipe.loss.prior_epochs, "loss.prior_epochs")
+    if recipe.loss.prior is not None and recipe.loss.partial != "selective":
+        raise UserError("recipe key 'loss.prior' (a label prior file) is used by loss.partial: selective only; set "
+                        "loss.partial: selective or remove loss.prior")
     if isinstance(recipe.data.use_difficult, str) and recipe.data.use_difficult != "unknown":
         raise UserError(f"recipe key 'data.use_difficult' must be true, false or unknown, got "
                         f"{recipe.data.use_difficult!r}")
