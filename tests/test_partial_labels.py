@@ -241,7 +241,7 @@ def test_openimages_errors(tmp_path):
 
 
 def test_voc_difficult_as_unknown(tmp_path):
-    from tests.test_datasets import write_voc
+    from test_datasets import write_voc
 
     write_voc(tmp_path)
     source = build_source(DataConfig(name="voc2007", root=str(tmp_path), use_difficult="unknown"))
@@ -372,8 +372,7 @@ def test_partial_on_single_label_data_is_a_clear_error(tmp_path):
 def test_torchrun_gathers_partial_targets_and_the_prior(tmp_path):
     """Two processes: the prior sums and the validation targets (with their -1) come from both ranks."""
     import yaml
-
-    from tests.test_distributed import torchrun
+    from test_distributed import torchrun
 
     write_partial_colour_csv(tmp_path, n=20)  # 16 train images: one global batch of 16, no padding
     recipe = partial_run_recipe(tmp_path, partial="selective")
