@@ -30,7 +30,7 @@ def cfg(name: str, root: Path | str | None = None, **kwargs) -> DataConfig:
 
 def test_registry_names():
     assert set(source_names()) == {"cifar10", "cifar100", "flowers102", "stanford_cars", "coco", "voc2007", "folder",
-                                   "multilabel_csv", "digits"}
+                                   "multilabel_csv", "digits", "openimages"}
 
 
 # ---- CIFAR ----------------------------------------------------------------------------------------------------------
@@ -311,7 +311,7 @@ def test_multilabel_csv_errors(tmp_path):
     with pytest.raises(UserError, match="row 3 names 'missing.jpg'"):
         build_source(cfg("multilabel_csv", tmp_path, csv="y.csv"))
     (tmp_path / "y.csv").write_text("file,a,b\na.jpg,1,maybe\n")
-    with pytest.raises(UserError, match="column 'b': expected 0 or 1"):
+    with pytest.raises(UserError, match="column 'b': expected 1, 0 or -1"):
         build_source(cfg("multilabel_csv", tmp_path, csv="y.csv"))
     with pytest.raises(UserError, match="does not exist"):
         build_source(cfg("multilabel_csv", tmp_path, csv="nope.csv"))

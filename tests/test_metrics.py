@@ -116,8 +116,10 @@ def test_mean_average_precision_rejects_bad_input():
         mean_average_precision(np.random.rand(4, 3), np.zeros((4, 3)))
     with pytest.raises(UserError, match="do not match"):
         mean_average_precision(np.random.rand(4, 3), np.zeros((4, 2)))
-    with pytest.raises(UserError, match="0 or 1"):
+    with pytest.raises(UserError, match=r"0 \(negative\) or -1 \(unknown\)"):
         mean_average_precision(np.random.rand(2, 2), np.array([[0.5, 1], [0, 1]]))
+    with pytest.raises(UserError, match="mAP is undefined"):  # the only positive is unknown
+        mean_average_precision(np.random.rand(2, 2), np.array([[-1, 0], [0, 0]]))
 
 
 def test_mean_average_precision_is_fast_on_coco_sized_input():

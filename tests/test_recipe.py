@@ -8,7 +8,8 @@ from tresfinetune.errors import UserError
 from tresfinetune.recipe import load_recipe, recipe_from_dict
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
-REQUIRED = ["flowers", "cars", "cifar10", "cifar100", "coco", "voc", "folder", "multilabel_csv", "digits"]
+REQUIRED = ["flowers", "cars", "cifar10", "cifar100", "coco", "voc", "folder", "multilabel_csv", "digits",
+            "openimages"]
 
 
 def test_every_required_recipe_is_shipped():

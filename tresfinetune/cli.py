@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 console = Console()
 err_console = Console(stderr=True)
+MAX_CLASSES_SHOWN = 40  # data check prints per-class label counts up to this many classes
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -129,13 +130,21 @@ def data_check(recipe: str, overrides: tuple[str, ...], json_path: str | None, p
     import json
 
     from tresfinetune.datasets import build_source
-    from tresfinetune.datasets.check import check_data, summary_table, write_preview
+    from tresfinetune.datasets.check import check_data, label_table, label_warnings, summary_table, write_preview
     from tresfinetune.recipe import load_recipe
 
     loaded = load_recipe(recipe, overrides)
     source = build_source(loaded.data)
     report = check_data(loaded, source, show_progress=True)
     console.print(summary_table(report, title=f"{loaded.data.name}: {report['task']}, {source.num_classes} classes"))
+    if report["task"] == "multi-label":
+        if source.num_classes <= MAX_CLASSES_SHOWN:
+            for split in report["splits"]:
+                console.print(label_table(report, split))
+        else:
+            console.print(f"positives / negatives / unknowns per class: see --json ({source.num_classes} classes)")
+        for line in label_warnings(report):
+            console.print(f"[yellow]warning:[/] {line}", highlight=False)
     if report["unreadable"]:
         shown = "\n  ".join(report["unreadable"][:10]) + ("\n  ..." if len(report["unreadable"]) > 10 else "")
         console.print(f"[red]{len(report['unreadable'])} unreadable image(s):[/]\n  {shown}", highlight=False)

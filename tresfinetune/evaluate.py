@@ -66,8 +66,10 @@ def multi_label_metrics(scores: np.ndarray, targets: np.ndarray, class_names: li
         "map": mean_average_precision(scores, targets),
         "num_samples": int(len(scores)),
         "per_class": [
-            {"name": name, "ap": None if math.isnan(ap) else float(ap), "positives": int(positives)}
-            for name, ap, positives in zip(class_names, per_class_ap, targets.sum(axis=0), strict=True)
+            {"name": name, "ap": None if math.isnan(ap) else float(ap), "positives": int(positives),
+             "unknowns": int(unknowns)}
+            for name, ap, positives, unknowns in zip(class_names, per_class_ap, (targets == 1).sum(axis=0),
+                                                     (targets == -1).sum(axis=0), strict=True)
         ],
         f"at_{FIXED_THRESHOLD:g}": multilabel_threshold_metrics(scores, targets, FIXED_THRESHOLD),
     }

@@ -2,16 +2,20 @@
 
 The asymmetric losses follow the ASL paper (arXiv 2009.14119) and give the same values as the authors'
 reference code. Every loss takes logits; targets are class indices or (N, C) soft/one-hot rows for
-single-label tasks and (N, C) multi-hot rows for multi-label tasks.
+single-label tasks and (N, C) multi-hot rows for multi-label tasks. `PartialLabelLoss` wraps ASL or BCE for
+multi-label targets that also hold -1 (unknown), treating unknowns as negative, ignoring them, or the
+class-aware selective way of the PartialLabelingCSL paper (SPEC.md section 10).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import difflib
 import inspect
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -198,6 +202,98 @@ class BinaryCrossEntropy(nn.Module):
         return F.binary_cross_entropy_with_logits(
             logits, _target_distribution(logits, targets), reduction=self.reduction
         )
+
+
+PARTIAL_MODES = ("negative", "ignore", "selective")
+
+
+class PartialLabelLoss(nn.Module):
+    """A multi-label loss (ASL or BCE) on targets of 1 (positive), 0 (negative) and -1 (unknown).
+
+    Every entry's loss is the wrapped loss's with unknown read as negative; `mode` says which unknown entries count:
+    - "negative": all of them (exactly the wrapped loss on the targets with -1 replaced by 0);
+    - "ignore": none; they add nothing to the loss or its gradient;
+    - "selective" (class-aware selective loss, Ben-Baruch et al. 2022): unknowns of a class whose label prior is
+      above `prior_threshold` are ignored (the class is likely present where nobody looked); of the rest, the
+      `likelihood_topk` x batch-size unknowns the model finds most likely present are ignored too; the others
+      count as negatives. Until `set_prior` gives a prior, every unknown is ignored.
+    `gamma_unknown` (ASL only) focuses the unknowns that count as negatives with their own exponent, as the
+    paper's loss does to weigh them less than annotated negatives; None keeps ASL's gamma_neg for them.
+    Reduction as the wrapped loss's: "sum", "none" (ignored entries 0), or "mean" over the entries that count.
+    """
+
+    def __init__(self, loss: nn.Module, mode: str = "ignore", prior_threshold: float = 0.05,
+                 likelihood_topk: int = 5, gamma_unknown: float | None = None) -> None:
+        super().__init__()
+        if mode not in PARTIAL_MODES:
+            raise UserError(f"loss.partial must be one of {', '.join(PARTIAL_MODES)}, not {mode!r}.")
+        if not isinstance(loss, (AsymmetricLoss, BinaryCrossEntropy)):
+            raise UserError("Partial labels work with the multi-label losses asl and bce only.")
+        if not 0 <= prior_threshold <= 1:
+            raise UserError(f"loss.prior_threshold must be in [0, 1], got {prior_threshold}.")
+        if likelihood_topk < 0:
+            raise UserError(f"loss.likelihood_topk must be >= 0, got {likelihood_topk}.")
+        self.reduction = loss.reduction
+        loss.reduction = "none"  # the wrapper masks entries first, then reduces
+        self.loss = loss
+        self.unknown_loss = None
+        if gamma_unknown is not None:
+            if not isinstance(loss, AsymmetricLoss):
+                raise UserError("loss.gamma_unknown is an ASL focusing exponent; use it with loss.name: asl")
+            _check_non_negative("gamma_unknown", gamma_unknown)
+            self.unknown_loss = copy.deepcopy(loss)
+            self.unknown_loss.gamma_neg = gamma_unknown
+        self.mode = mode
+        self.prior_threshold = prior_threshold
+        self.likelihood_topk = likelihood_topk
+        self.register_buffer("prior", None)
+
+    def set_prior(self, prior: torch.Tensor | np.ndarray | list[float] | None) -> None:
+        """The label prior per class (C,): how often each class is present, for the selective mode."""
+        self.prior = None if prior is None else torch.as_tensor(prior, dtype=torch.float32)
+
+    @torch.no_grad()
+    def counted(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Boolean (N, C): the entries that contribute to the loss. Free of host syncs, so the GPU never waits."""
+        unknown = targets == -1
+        if self.mode == "negative":
+            return torch.ones_like(unknown)
+        if self.mode == "ignore" or self.prior is None:
+            return ~unknown
+        if self.prior.device != logits.device:
+            self.prior = self.prior.to(logits.device)
+        as_negative = unknown & (self.prior <= self.prior_threshold)
+        top_k = min(self.likelihood_topk * logits.shape[0], logits.numel())
+        if top_k > 0:
+            # The batch's most likely unknowns, ranked among all its unknowns as in the authors' code; known
+            # entries rank last at -inf, and a pick at -inf (fewer unknowns than top_k) is no unknown.
+            likelihood = torch.where(unknown, logits.detach().float(), float("-inf")).flatten()
+            values, picks = likelihood.topk(top_k)
+            likely = torch.zeros_like(likelihood, dtype=torch.bool).scatter_(0, picks, values > float("-inf"))
+            as_negative &= ~likely.view_as(unknown)
+        return ~unknown | as_negative
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if targets.shape != logits.shape:
+            raise UserError(f"Multi-label targets of shape {tuple(targets.shape)} do not match predictions of shape "
+                            f"{tuple(logits.shape)}; give one row of 1 / 0 / -1 per sample.")
+        known_targets = targets.clamp(min=0)
+        per_entry = self.loss(logits, known_targets)
+        if self.unknown_loss is not None:
+            per_entry = torch.where(targets == -1, self.unknown_loss(logits, known_targets), per_entry)
+        counted = self.counted(logits, targets)
+        # where() rather than a product: an ignored entry's gradient is exactly zero, whatever its loss.
+        per_entry = torch.where(counted, per_entry, torch.zeros((), dtype=per_entry.dtype, device=per_entry.device))
+        if self.reduction == "sum":
+            return per_entry.sum()
+        if self.reduction == "mean":
+            return per_entry.sum() / counted.sum().clamp(min=1)
+        return per_entry
+
+    def extra_repr(self) -> str:
+        gamma_unknown = None if self.unknown_loss is None else self.unknown_loss.gamma_neg
+        return (f"mode={self.mode!r}, prior_threshold={self.prior_threshold}, likelihood_topk={self.likelihood_topk}, "
+                f"gamma_unknown={gamma_unknown}, reduction={self.reduction!r}")
 
 
 def _cross_entropy(label_smoothing: float = 0.1, reduction: str = "mean") -> nn.Module:

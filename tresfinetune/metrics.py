@@ -1,8 +1,10 @@
 """Validation and evaluation metrics; every accuracy-like number is in percent.
 
 Inputs are the scores and targets the training loop or `evaluate` collected over a whole split, as torch
-tensors or numpy arrays. Single-label targets are class indices (N,); multi-label targets are 0/1 rows (N, C).
-Multi-label definitions follow the ASL paper (arXiv 2009.14119): mAP, CP/CR/CF1 and OP/OR/OF1.
+tensors or numpy arrays. Single-label targets are class indices (N,); multi-label targets are rows (N, C) of
+1 (positive), 0 (negative) and -1 (unknown: not annotated). Multi-label definitions follow the ASL paper (arXiv
+2009.14119): mAP, CP/CR/CF1 and OP/OR/OF1. Unknown entries are left out of every multi-label number, as if that image
+were not in the split for that class (SPEC.md section 10).
 """
 
 from __future__ import annotations
@@ -48,13 +50,20 @@ def _class_indices(targets: ArrayLike, num_samples: int, num_classes: int) -> np
     return targets
 
 
-def _multi_hot(targets: ArrayLike, shape: tuple[int, int]) -> np.ndarray:
+def _label_masks(targets: ArrayLike, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(positive, known) boolean masks of multi-label targets holding 1, 0 or -1 (unknown)."""
     targets = _to_numpy(targets)
     if targets.shape != shape:
         raise UserError(f"Multi-label targets of shape {targets.shape} do not match scores of shape {shape}.")
-    if not np.isin(targets, (0, 1)).all():
-        raise UserError("Multi-label targets must be 0 or 1 for every class.")
-    return targets.astype(bool)
+    if not np.isin(targets, (-1, 0, 1)).all():
+        raise UserError("Multi-label targets must be 1 (positive), 0 (negative) or -1 (unknown) for every class.")
+    return targets == 1, targets != -1
+
+
+def _unknowns_last(scores: np.ndarray, known: np.ndarray) -> np.ndarray:
+    """Scores with unknown entries at -inf: ranked below every known entry, they change no precision or recall
+    of the known ones (scores are probabilities or logits, never -inf themselves)."""
+    return scores if known.all() else np.where(known, scores, -np.inf)
 
 
 def topk_accuracy(logits_or_scores: ArrayLike, targets: ArrayLike, ks: Sequence[int] = (1, 5)) -> dict[int, float]:
@@ -100,10 +109,11 @@ def average_precision_per_class(scores: ArrayLike, targets: ArrayLike) -> np.nda
     Tied scores are retrieved together (every positive of a tied group gets the precision at the group's end),
     which makes the result independent of sort order and equal to scikit-learn's average_precision_score.
     Classes with no positive sample have no AP: their entry is NaN, and mean_average_precision skips them.
+    Unknown (-1) entries are left out: each class's AP is over the images annotated for it.
     """
     scores = _scores_matrix(scores)
-    targets = _multi_hot(targets, scores.shape)
-    _, sorted_targets, true_positives, group_end = _rank_by_score(scores, targets)
+    targets, known = _label_masks(targets, scores.shape)
+    _, sorted_targets, true_positives, group_end = _rank_by_score(_unknowns_last(scores, known), targets)
     precision_at_rank = true_positives / np.arange(1, scores.shape[0] + 1)
     precision_at_group_end = np.take_along_axis(precision_at_rank, group_end, axis=1)
 
@@ -114,7 +124,7 @@ def average_precision_per_class(scores: ArrayLike, targets: ArrayLike) -> np.nda
 
 
 def mean_average_precision(scores: ArrayLike, targets: ArrayLike) -> float:
-    """mAP in percent: the mean of average_precision_per_class over the classes that have positives."""
+    """mAP in percent: the mean of average_precision_per_class over the classes that have (known) positives."""
     per_class = average_precision_per_class(scores, targets)
     if np.isnan(per_class).all():
         raise UserError("No sample in this split has any positive label, so mAP is undefined; check the labels.")
@@ -129,14 +139,15 @@ def multilabel_threshold_metrics(
 
     thresholds is one number or one per class. Precision of a class with no predicted positives counts as 0;
     classes with no positive samples are left out of CP and CR, as they are of mAP. CF1 = 2 CP CR / (CP + CR).
+    Unknown (-1) entries count neither as predictions nor as positives.
     """
     scores = _scores_matrix(scores)
-    targets = _multi_hot(targets, scores.shape)
+    targets, known = _label_masks(targets, scores.shape)
     thresholds = _to_numpy(thresholds).astype(np.float64)
     if thresholds.ndim > 1 or (thresholds.ndim == 1 and thresholds.shape[0] != scores.shape[1]):
         raise UserError(f"Give one threshold or one per class ({scores.shape[1]}), not {thresholds.shape}.")
 
-    predicted = scores >= thresholds
+    predicted = (scores >= thresholds) & known
     correct = (predicted & targets).sum(axis=0)
     num_predicted = predicted.sum(axis=0)
     num_positives = targets.sum(axis=0)
@@ -164,13 +175,14 @@ def _f1(precision: float, recall: float) -> float:
     return float(2 * precision * recall / (precision + recall)) if precision + recall > 0 else 0.0
 
 
-def _best_f1_thresholds(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Per class, the threshold whose predictions (score >= threshold) give the highest F1.
+def _best_f1_thresholds(scores: np.ndarray, targets: np.ndarray, known: np.ndarray) -> np.ndarray:
+    """Per class, the threshold whose predictions (score >= threshold) on the known entries give the highest F1.
 
     The threshold lies halfway between the lowest predicted score and the next lower score, so it also works
     with `>`. The first of equal F1 values wins, i.e. the highest such threshold. Classes need positives.
+    Unknown entries rank last (at -inf), where predicting more only lowers F1, so no best rank reaches them.
     """
-    sorted_scores, _, true_positives, group_end = _rank_by_score(scores, targets)
+    sorted_scores, _, true_positives, group_end = _rank_by_score(_unknowns_last(scores, known), targets)
     num_samples = scores.shape[0]
     ranks = np.arange(num_samples)
     # Predicting the top r+1 samples: F1 = 2 TP / (predicted + positives); only valid at group ends.
@@ -183,6 +195,7 @@ def _best_f1_thresholds(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
     # Scores are probabilities, so below the lowest score the next step down is 0.
     next_rank = np.minimum(best_rank + 1, num_samples - 1)
     next_lower = np.where(best_rank + 1 < num_samples, sorted_scores[classes, next_rank], 0.0)
+    next_lower = np.where(np.isneginf(next_lower), 0.0, next_lower)  # the next one down is unknown
     next_lower = np.minimum(next_lower, lowest_predicted)
     return (lowest_predicted + next_lower) / 2
 
@@ -192,13 +205,15 @@ def tune_thresholds(scores: ArrayLike, targets: ArrayLike, fallback: float | Non
 
     Classes with no positive samples get a global threshold: `fallback` if given, else the single threshold
     that maximises the overall F1 (OF1) of all classes together. Predict a class where its score >= threshold.
+    Unknown (-1) entries are left out of every F1.
     """
     scores = _scores_matrix(scores)
-    targets = _multi_hot(targets, scores.shape)
+    targets, known = _label_masks(targets, scores.shape)
     has_positives = targets.any(axis=0)
     thresholds = np.empty(scores.shape[1], dtype=np.float64)
     if has_positives.any():
-        thresholds[has_positives] = _best_f1_thresholds(scores[:, has_positives], targets[:, has_positives])
+        thresholds[has_positives] = _best_f1_thresholds(scores[:, has_positives], targets[:, has_positives],
+                                                        known[:, has_positives])
     if not has_positives.all():
         if fallback is None:
             if not has_positives.any():
@@ -206,7 +221,8 @@ def tune_thresholds(scores: ArrayLike, targets: ArrayLike, fallback: float | Non
                     "No sample in this split has any positive label, so thresholds cannot be tuned; "
                     "give a fallback threshold or check the labels."
                 )
-            fallback = float(_best_f1_thresholds(scores.reshape(-1, 1), targets.reshape(-1, 1))[0])
+            fallback = float(_best_f1_thresholds(scores.reshape(-1, 1), targets.reshape(-1, 1),
+                                                 known.reshape(-1, 1))[0])
         thresholds[~has_positives] = fallback
     return thresholds
 

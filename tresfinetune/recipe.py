@@ -38,9 +38,13 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "val"
     val_fraction: float = 0.2  # folder / multilabel_csv without an explicit val split
-    use_difficult: bool = False  # voc2007: count objects marked difficult as positives
+    # voc2007: objects marked difficult count as positives (true), are left out (false), or make their class unknown
+    # for that image ("unknown"; a partial label, see loss.partial).
+    use_difficult: bool | str = False
     csv_delimiter: str = ","  # multilabel_csv: between columns
     label_delimiter: str = " "  # multilabel_csv: between labels inside the label column
+    # multilabel_csv (list form): a column of labels known absent; then labels in neither column are unknown.
+    negative_column: str | None = None
     on_bad_image: str = "skip"  # skip | error
     limit: int | None = None  # use at most N images per split (a seeded subset) for quick trials
     # TResNet weights expect inputs in [0, 1] without normalisation; set these only for other weights.
@@ -83,6 +87,14 @@ class ScheduleConfig:
 class LossConfig:
     name: str | None = None  # cross_entropy | bce | asl | asl_single; None: cross_entropy or asl by task
     options: dict = field(default_factory=dict)  # passed to the loss (gamma_neg, clip, label_smoothing, ...)
+    # Unknown (-1) multi-label targets: negative | ignore | selective. None: ignore when the data has unknowns,
+    # else negative.
+    partial: str | None = None
+    prior_threshold: float = 0.05  # selective: unknowns of classes with a larger prior are ignored
+    likelihood_topk: int = 5  # selective: per image of the batch, this many of its most likely unknowns are ignored
+    prior: str | None = None  # selective: a CSV of class,prior; None estimates it (see prior_epochs)
+    prior_epochs: int = 1  # selective without loss.prior: epochs trained with unknowns ignored to estimate the prior
+    gamma_unknown: float | None = None  # asl: focusing of unknowns counted as negatives; None: options.gamma_neg
 
 
 @dataclass
@@ -304,6 +316,18 @@ def validate(recipe: Recipe) -> None:
     if recipe.loss.name is not None:
         _choice(recipe.loss.name, "loss.name", ["cross_entropy", "bce", "asl", "asl_single"])
     _choice(recipe.amp, "amp", ["auto", "bf16", "fp16", "none"])
+    if recipe.loss.partial is not None:
+        _choice(recipe.loss.partial, "loss.partial", ["negative", "ignore", "selective"])
+    if not 0 <= recipe.loss.prior_threshold <= 1:
+        raise UserError(f"recipe key 'loss.prior_threshold' must be in [0, 1], got {recipe.loss.prior_threshold}")
+    _positive(recipe.loss.likelihood_topk, "loss.likelihood_topk", allow_zero=True)
+    _positive(recipe.loss.prior_epochs, "loss.prior_epochs")
+    if recipe.loss.prior is not None and recipe.loss.partial != "selective":
+        raise UserError("recipe key 'loss.prior' (a label prior file) is used by loss.partial: selective only; set "
+                        "loss.partial: selective or remove loss.prior")
+    if isinstance(recipe.data.use_difficult, str) and recipe.data.use_difficult != "unknown":
+        raise UserError(f"recipe key 'data.use_difficult' must be true, false or unknown, got "
+                        f"{recipe.data.use_difficult!r}")
     if recipe.input_size % 16 or recipe.input_size < 32:
         raise UserError(
             f"recipe key 'input_size' must be a multiple of 16 from 32 up (e.g. 224, 368, 448), got {recipe.input_size}"

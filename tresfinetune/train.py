@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
-from tresfinetune import distributed
+from tresfinetune import distributed, partial_labels
 from tresfinetune.checkpoint import (
     CHECKPOINT_FORMAT,
     deferred_interrupts,
@@ -36,11 +36,12 @@ from tresfinetune.checkpoint import (
     set_rng_state,
 )
 from tresfinetune.datasets import build_loaders
+from tresfinetune.datasets.source import has_unknown_labels
 from tresfinetune.datasets.transforms import to_model_input
 from tresfinetune.distributed import World
 from tresfinetune.errors import UserError
 from tresfinetune.evaluation import MULTI_LABEL, SINGLE_LABEL, collect_scores, compute_metrics, main_metric
-from tresfinetune.losses import build_loss
+from tresfinetune.losses import PartialLabelLoss, build_loss
 from tresfinetune.metrics import tune_thresholds
 from tresfinetune.models import create_model
 from tresfinetune.optim import Mixup, ModelEma, build_optimizer, build_scheduler
@@ -241,7 +242,13 @@ def _train(
         ema.load_state_dict(ckpt["ema"])
 
     loss_name = recipe.loss.name or ("cross_entropy" if task == SINGLE_LABEL else "asl")
-    criterion = build_loss(loss_name, task, **recipe.loss.options).to(device)
+    criterion = build_loss(loss_name, task, **recipe.loss.options)
+    has_unknowns = task == MULTI_LABEL and has_unknown_labels(train_loader.dataset.samples)
+    partial = partial_labels.choose_partial_mode(recipe.loss.partial, task, has_unknowns)
+    if has_unknowns or partial not in (None, "negative"):
+        criterion = PartialLabelLoss(criterion, partial, recipe.loss.prior_threshold, recipe.loss.likelihood_topk,
+                                     recipe.loss.gamma_unknown)
+    criterion.to(device)
     mixup = Mixup(recipe.mixup, num_classes)
     if mixup.enabled and task == MULTI_LABEL:
         raise UserError("mixup/cutmix work on single-label data only; remove the mixup section for multi-label runs")
@@ -259,7 +266,7 @@ def _train(
         convert_sync_norm(model)
 
     state = {"epoch": 0, "step": 0, "best_metric": None, "best_epoch": None, "epochs_without_improvement": 0,
-             "loss_sum": 0.0, "loss_count": 0}
+             "loss_sum": 0.0, "loss_count": 0, "label_prior": None, "prior_estimate": None}
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -275,6 +282,16 @@ def _train(
         raise UserError(f"'{run_dir}' already finished {state['epoch']} epochs; raise it with --set epochs=N")
     searching_unused = state["epoch"] < recipe.freeze_backbone_epochs
     train_model = _training_module(model, world, device, searching_unused, recipe.compile)
+    prior_estimate = None  # selective loss: the label prior estimated from the first loss.prior_epochs epochs
+    if partial == "selective":
+        if recipe.loss.prior:
+            criterion.set_prior(partial_labels.read_prior(recipe.loss.prior, class_names))
+        elif state["label_prior"] is not None:
+            criterion.set_prior(state["label_prior"])
+        else:
+            # Only rank 0's partial sums are in last.pt; the others restart theirs.
+            prior_estimate = partial_labels.PriorEstimate(num_classes, state["prior_estimate"] if world.is_main
+                                                          else None)
 
     metric_name = main_metric(task)
     # The run folder appears only once data, weights and model are known to be good: a failed start leaves nothing.
@@ -310,7 +327,9 @@ def _train(
             f"{len(train_loader.dataset)} train / {len(val_loader.dataset)} val images) at {recipe.input_size}px "
             f"on {device}{' x' + str(world.size) if world.distributed else ''}; batch {recipe.batch_size}"
             + (f" per process, effective {effective}" if effective != recipe.batch_size else "")
-            + f"; amp {str(amp_dtype).removeprefix('torch.') if amp_dtype else 'off'}; run folder {run_dir}"
+            + f"; amp {str(amp_dtype).removeprefix('torch.') if amp_dtype else 'off'}"
+            + (f"; {loss_name}, unknown labels: {_describe_partial(partial, recipe)}" if partial else "")
+            + f"; run folder {run_dir}"
         )
 
     progress = _progress(console, show_progress)
@@ -350,6 +369,8 @@ def _train(
                     with sync, autocast(device, amp_dtype):
                         logits = train_model(images)
                         loss = criterion(logits.float(), targets)
+                    if prior_estimate is not None:
+                        prior_estimate.update(logits)
                     scaler.scale(loss / accum).backward()
                     pending_loss += loss.detach()
                     pending_count += 1
@@ -371,6 +392,8 @@ def _train(
                         state["loss_sum"] += loss_value
                         state["loss_count"] += pending_count
                         state["step"] = step + 1
+                        if prior_estimate is not None:  # after the loss's host sync, so it costs no extra wait
+                            state["prior_estimate"] = prior_estimate.state()
                         rate = images_seen * world.size / (time.perf_counter() - started)
                         progress.update(
                             step_bar, completed=step + 1,
@@ -384,6 +407,10 @@ def _train(
                 )
                 train_loss = loss_sum / max(1.0, loss_count)
                 epoch_seconds = time.perf_counter() - started
+                if prior_estimate is not None and epoch + 1 >= recipe.loss.prior_epochs:
+                    state["label_prior"] = _finish_prior(prior_estimate, world, device, run_dir, class_names)
+                    criterion.set_prior(state["label_prior"])
+                    prior_estimate = state["prior_estimate"] = None
 
                 row = {"epoch": epoch + 1, "train_loss": round(train_loss, 6),
                        "lr": optimizer.param_groups[0]["lr"]}
@@ -453,6 +480,22 @@ def _train(
             checkpoint(run_dir / "last.pt")
         raise TrainingInterrupted(run_dir)
     return result
+
+
+def _describe_partial(partial: str, recipe: Recipe) -> str:
+    if partial != "selective" or recipe.loss.prior:
+        return partial
+    return f"selective, ignored during the first {recipe.loss.prior_epochs} epoch(s), which estimate the label prior"
+
+
+def _finish_prior(estimate: partial_labels.PriorEstimate, world: World, device: torch.device, run_dir: Path,
+                  class_names: list[str]) -> list[float]:
+    """The label prior from every rank's sums; rank 0 writes it as the run's class_prior.csv."""
+    *total, count = distributed.all_reduce_sum(estimate.state()["total"] + [float(estimate.count)], world, device)
+    prior = (np.asarray(total) / max(count, 1.0)).tolist()
+    if world.is_main:
+        partial_labels.write_prior(run_dir / partial_labels.PRIOR_FILE, class_names, np.asarray(prior))
+    return prior
 
 
 class _NonFiniteLoss(Exception):

@@ -4,7 +4,9 @@ The report is a plain dict (written as JSON by --json):
     {"task": ..., "splits": {NAME: {"images": N, "classes": K, "unreadable": U, "per_class": {...},
      "smallest_class": [name, n], "largest_class": [name, n], "also_in": {OTHER_SPLIT: n}}}, "unreadable": [paths]}
 "images" counts the readable images, "classes" the classes with at least one of them; "also_in" counts images whose
-content also appears in another split (same bytes, whatever the file name).
+content also appears in another split (same bytes, whatever the file name). Multi-label splits also carry
+"labels": {"per_class": {NAME: {"positives": P, "negatives": N, "unknowns": U}}, "overall": {...},
+"without_positives": [class names]}, counted over the readable images; "per_class" above counts positives.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from tresfinetune.datasets.images import UnreadableImage, load_image
-from tresfinetune.datasets.source import MULTI_LABEL, DataSource, Sample
+from tresfinetune.datasets.source import MULTI_LABEL, DataSource, Sample, count_labels
 
 if TYPE_CHECKING:
     from tresfinetune.recipe import Recipe
@@ -53,7 +55,7 @@ def _inspect(image: Any) -> tuple[str | None, str | None]:
 
 def _label_names(sample: Sample, source: DataSource) -> list[str]:
     if source.task == MULTI_LABEL:
-        return [source.class_names[i] for i in np.flatnonzero(np.asarray(sample.target))]
+        return [source.class_names[i] for i in np.flatnonzero(np.asarray(sample.target) == 1)]
     return [source.class_names[int(sample.target)]]
 
 
@@ -72,6 +74,7 @@ def check_data(recipe: Recipe, source: DataSource | None = None, threads: int | 
             task = progress.add_task(f"reading {split}", total=len(samples))
             per_class: Counter[str] = Counter({name: 0 for name in source.class_names})
             split_hashes: set[str] = set()
+            readable: list[Sample] = []
             unreadable = 0
             no_labels = 0
             # OpenCV decodes without the GIL, so threads read images in parallel.
@@ -83,6 +86,7 @@ def check_data(recipe: Recipe, source: DataSource | None = None, threads: int | 
                     log.debug("unreadable: %s (%s)", sample.image, reason)
                     continue
                 split_hashes.add(digest)
+                readable.append(sample)
                 labels = _label_names(sample, source)
                 no_labels += not labels
                 per_class.update(labels)
@@ -98,6 +102,7 @@ def check_data(recipe: Recipe, source: DataSource | None = None, threads: int | 
             }
             if source.task == MULTI_LABEL:
                 entry["images_without_labels"] = no_labels
+                entry["labels"] = _label_counts(readable, source.class_names)
             report["splits"][split] = entry
     for split, entry in report["splits"].items():
         entry["also_in"] = {other: len(hashes[split] & hashes[other]) for other in hashes
@@ -105,19 +110,61 @@ def check_data(recipe: Recipe, source: DataSource | None = None, threads: int | 
     return report
 
 
+def _label_counts(samples: list[Sample], class_names: list[str]) -> dict[str, Any]:
+    """Positives, negatives and unknowns per class and overall, and the classes without any positive."""
+    counts = count_labels(samples, len(class_names))
+    kinds = ("positives", "negatives", "unknowns")
+    return {
+        "per_class": {name: {kind: int(n) for kind, n in zip(kinds, counts[:, c], strict=True)}
+                      for c, name in enumerate(class_names)},
+        "overall": {kind: int(n) for kind, n in zip(kinds, counts.sum(axis=1), strict=True)},
+        "without_positives": [name for name, n in zip(class_names, counts[0], strict=True) if n == 0],
+    }
+
+
+def label_warnings(report: dict) -> list[str]:
+    """One line per multi-label split with classes that have no positive there (their AP is undefined)."""
+    lines = []
+    for split, entry in report["splits"].items():
+        missing = entry.get("labels", {}).get("without_positives", [])
+        if missing:
+            shown = ", ".join(missing[:8]) + (", ..." if len(missing) > 8 else "")
+            lines.append(f"split '{split}': {len(missing)} class(es) have no positive image: {shown}")
+    return lines
+
+
+def label_table(report: dict, split: str) -> Table:
+    """Positives / negatives / unknowns per class in one multi-label split."""
+    labels = report["splits"][split]["labels"]
+    table = Table(title=f"labels in '{split}'")
+    for column in ("class", "positives", "negatives", "unknowns"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for name, row in (*labels["per_class"].items(), ("[bold]all classes[/]", labels["overall"])):
+        table.add_row(name, *("[yellow]0[/]" if kind == "positives" and row[kind] == 0 else str(row[kind])
+                              for kind in ("positives", "negatives", "unknowns")))
+    return table
+
+
 def summary_table(report: dict, title: str = "") -> Table:
     """The report as a rich table, one row per split."""
     table = Table(title=title or f"{report['task']} dataset")
-    for column in ("split", "images", "classes", "smallest class", "largest class", "unreadable", "also in"):
+    multi_label = report["task"] == MULTI_LABEL
+    columns = ["split", "images", "classes", "smallest class", "largest class", "unreadable", "also in"]
+    if multi_label:
+        columns[5:5] = ["positives", "negatives", "unknowns"]
+    for column in columns:
         table.add_column(column, justify="left" if column in ("split", "also in") else "right")
     for split, entry in report["splits"].items():
         smallest, largest = entry["smallest_class"], entry["largest_class"]
         also = ", ".join(f"{other}: {n}" for other, n in entry["also_in"].items())
-        table.add_row(split, str(entry["images"]), str(entry["classes"]),
-                      f"{smallest[0]} ({smallest[1]})" if smallest else "",
-                      f"{largest[0]} ({largest[1]})" if largest else "",
-                      f"[red]{entry['unreadable']}[/]" if entry["unreadable"] else "0",
-                      f"[yellow]{also}[/]" if also else "")
+        cells = [split, str(entry["images"]), str(entry["classes"]),
+                 f"{smallest[0]} ({smallest[1]})" if smallest else "",
+                 f"{largest[0]} ({largest[1]})" if largest else "",
+                 f"[red]{entry['unreadable']}[/]" if entry["unreadable"] else "0",
+                 f"[yellow]{also}[/]" if also else ""]
+        if multi_label:
+            cells[5:5] = [str(entry["labels"]["overall"][kind]) for kind in ("positives", "negatives", "unknowns")]
+        table.add_row(*cells)
     return table
 
 

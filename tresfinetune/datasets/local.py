@@ -19,6 +19,7 @@ from tresfinetune.datasets.source import (
     LazySplits,
     Sample,
     multi_hot,
+    partial_target,
     register,
     require_root,
     seeded_split,
@@ -114,7 +115,8 @@ def build_folder(data_cfg: Any) -> DataSource:
 # ---- a CSV of file names and labels -------------------------------------------------------------------------------
 
 FILE_COLUMNS = ("file", "filename", "file_name", "image", "image_id", "img", "path", "name", "id")
-TRUE_VALUES, FALSE_VALUES = {"1", "1.0", "true", "yes"}, {"0", "0.0", "false", "no", "", "-1"}
+TRUE_VALUES, FALSE_VALUES = {"1", "1.0", "true", "yes"}, {"0", "0.0", "false", "no"}
+UNKNOWN_VALUES = {"", "-1", "-1.0"}  # one column per class: nobody said whether the class is there
 
 
 def _find_csv(data_cfg: Any, root: Path) -> Path:
@@ -144,7 +146,10 @@ def _resolve_image(root: Path, name: str, csv_path: Path, row_number: int) -> st
 @register("multilabel_csv", MULTI_LABEL)
 def build_multilabel_csv(data_cfg: Any) -> DataSource:
     """Two styles, both with a header row: `file,labels` with labels split by data.label_delimiter, or a file column
-    and one 0/1 column per class. An optional `split` column assigns rows to splits; otherwise a seeded split."""
+    and one 0/1 column per class. An optional `split` column assigns rows to splits; otherwise a seeded split.
+
+    Partial labels: in the per-class style an empty cell or -1 is unknown; in the list style, data.negative_column
+    names a second list of labels known absent, and then every class in neither list is unknown."""
     _no_download(data_cfg, "multilabel_csv")
     root = require_root(data_cfg.root, "multilabel_csv")
     csv_path = _find_csv(data_cfg, root)
@@ -159,31 +164,46 @@ def build_multilabel_csv(data_cfg: Any) -> DataSource:
     lowered = [h.lower() for h in header]
     file_col = next((lowered.index(n) for n in FILE_COLUMNS if n in lowered), 0)
     split_col = lowered.index("split") if "split" in lowered else None
-    label_cols = [i for i in range(len(header)) if i not in (file_col, split_col)]
+    negative_col = None
+    if data_cfg.negative_column:
+        if data_cfg.negative_column.strip().lower() not in lowered:
+            raise UserError(f"label file '{csv_path}' has no column '{data_cfg.negative_column}' "
+                            f"(data.negative_column); its columns are {', '.join(header)}")
+        negative_col = lowered.index(data_cfg.negative_column.strip().lower())
+    label_cols = [i for i in range(len(header)) if i not in (file_col, split_col, negative_col)]
     if not label_cols:
         hint = f" (check data.csv_delimiter, now {data_cfg.csv_delimiter!r})" if len(header) == 1 else ""
         raise UserError(f"label file '{csv_path}' has no label column besides '{header[file_col]}'{hint}")
     one_column_per_class = len(label_cols) > 1
+    if one_column_per_class and negative_col is not None:
+        raise UserError("data.negative_column goes with the `file,labels` list form; with one column per class, "
+                        "mark known-absent classes 0 and unknown ones -1 or empty")
 
-    files, label_sets, split_names = [], [], []
+    # Per row: the positive labels, and the negative ones (None: every other class is negative).
+    files, label_sets, negative_sets, split_names = [], [], [], []
     for number, row in enumerate(rows[1:], start=2):
         if len(row) != len(header):
             raise UserError(f"{csv_path.name} row {number} has {len(row)} columns but the header has {len(header)}; "
                             f"check data.csv_delimiter ({data_cfg.csv_delimiter!r})")
         files.append(_resolve_image(root, row[file_col].strip(), csv_path, number))
+        negatives: set[str] | None = None
         if one_column_per_class:
-            labels = set()
+            labels, negatives = set(), set()
             for col in label_cols:
                 value = row[col].strip().lower()
-                if value not in TRUE_VALUES | FALSE_VALUES:
-                    raise UserError(f"{csv_path.name} row {number}, column '{header[col]}': expected 0 or 1, got "
-                                    f"'{row[col]}'")
+                if value not in TRUE_VALUES | FALSE_VALUES | UNKNOWN_VALUES:
+                    raise UserError(f"{csv_path.name} row {number}, column '{header[col]}': expected 1, 0 or -1 / "
+                                    f"empty (unknown), got '{row[col]}'")
                 if value in TRUE_VALUES:
                     labels.add(header[col])
+                elif value in FALSE_VALUES:
+                    negatives.add(header[col])
         else:
-            text = row[label_cols[0]].strip()
-            labels = {t.strip() for t in text.split(data_cfg.label_delimiter or None) if t.strip()}
+            labels = _label_list(row[label_cols[0]], data_cfg.label_delimiter)
+            if negative_col is not None:
+                negatives = _label_list(row[negative_col], data_cfg.label_delimiter)
         label_sets.append(labels)
+        negative_sets.append(negatives)
         if split_col is not None:
             split = row[split_col].strip().lower()
             split_names.append(SPLIT_FOLDERS.get(split, split))
@@ -191,12 +211,16 @@ def build_multilabel_csv(data_cfg: Any) -> DataSource:
     if one_column_per_class:
         class_names = [header[c] for c in label_cols]
     else:
-        class_names = sorted(set().union(*label_sets), key=_natural_key)
+        class_names = sorted(set().union(*label_sets, *(n for n in negative_sets if n)), key=_natural_key)
     if not class_names:
         raise UserError(f"label file '{csv_path}' has no labels at all")
     index = {name: i for i, name in enumerate(class_names)}
-    samples = [Sample(path, multi_hot({index[n] for n in labels}, len(class_names)))
-               for path, labels in zip(files, label_sets, strict=True)]
+    samples = []
+    for path, labels, negatives in zip(files, label_sets, negative_sets, strict=True):
+        positive_ids = {index[n] for n in labels}
+        target = (multi_hot(positive_ids, len(class_names)) if negatives is None
+                  else partial_target(positive_ids, {index[n] for n in negatives}, len(class_names)))
+        samples.append(Sample(path, target))
 
     if split_col is not None:
         splits: dict[str, list[Sample]] = {}
@@ -212,6 +236,10 @@ def build_multilabel_csv(data_cfg: Any) -> DataSource:
         train_idx, val_idx = seeded_split(None, len(samples), data_cfg.val_fraction)
         splits = {"train": [samples[i] for i in train_idx], "val": [samples[i] for i in val_idx]}
     return DataSource(MULTI_LABEL, class_names, splits, name="multilabel_csv")
+
+
+def _label_list(text: str, delimiter: str) -> set[str]:
+    return {t.strip() for t in text.strip().split(delimiter or None) if t.strip()}
 
 
 # ---- scikit-learn digits ------------------------------------------------------------------------------------------

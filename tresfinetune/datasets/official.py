@@ -25,6 +25,7 @@ from tresfinetune.datasets.source import (
     Sample,
     find_dataset_dir,
     multi_hot,
+    partial_target,
     register,
     require_root,
 )
@@ -320,6 +321,16 @@ VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "
                "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor"]
 
 
+def _voc_target(path: Path, use_difficult: bool | str) -> np.ndarray:
+    """The image's target: difficult objects count as positives (True), are left out (False), or make a class with
+    only difficult objects unknown ("unknown")."""
+    if use_difficult != "unknown":
+        return multi_hot(_voc_labels(path, bool(use_difficult)), len(VOC_CLASSES))
+    clear, every = _voc_labels(path, False), _voc_labels(path, True)
+    only_difficult = every - clear
+    return partial_target(clear, set(range(len(VOC_CLASSES))) - only_difficult, len(VOC_CLASSES))
+
+
 def _voc_labels(path: Path, use_difficult: bool) -> set[int]:
     if not path.is_file():
         raise UserError(f"VOC annotation file '{path}' is missing")
@@ -354,8 +365,7 @@ def build_voc2007(data_cfg: Any) -> DataSource:
         ids = [line.split()[0] for line in (folder / "ImageSets" / "Main" / f"{list_name}.txt").read_text().splitlines()
                if line.strip()]
         samples = [Sample(str(folder / "JPEGImages" / f"{i}.jpg"),
-                          multi_hot(_voc_labels(folder / "Annotations" / f"{i}.xml", data_cfg.use_difficult),
-                                    len(VOC_CLASSES)))
+                          _voc_target(folder / "Annotations" / f"{i}.xml", data_cfg.use_difficult))
                    for i in ids]
         _check_first_image(samples, folder / "JPEGImages", "voc2007")
         return samples

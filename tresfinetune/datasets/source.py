@@ -2,8 +2,10 @@
 
 A source turns `data.root` (in whatever layout the user has) into a `DataSource`: the task, the class names and the
 samples of each split. A sample is `(image, target)`: the image is a file path or an RGB uint8 array, the target an
-int class index (single-label) or a float32 multi-hot vector (multi-label). Splits load on first use, so a source
-with a huge split (COCO train) costs nothing until that split is asked for.
+int class index (single-label) or a float32 vector with one entry per class (multi-label): 1 positive, 0 negative,
+-1 unknown (not annotated, see SPEC.md section 10; fully labelled sources have no -1), or a SparseTarget that gives
+that vector. Splits load on first use, so a source with a huge split (COCO train) costs nothing until that split is
+asked for.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ MULTI_LABEL = "multi-label"
 
 class Sample(NamedTuple):
     image: Any  # str path, or np.ndarray (H, W, 3) uint8 RGB
-    target: Any  # int (single-label) or np.ndarray float32 multi-hot (multi-label)
+    target: Any  # int (single-label) or np.ndarray float32 of 1 / 0 / -1 (unknown) per class (multi-label)
 
 
 class LazySplits(Mapping):
@@ -141,10 +143,68 @@ def find_dataset_dir(root: Path, folder_name: str, marker: str) -> Path | None:
     return None
 
 
+UNKNOWN = -1.0  # a multi-label target entry nobody annotated
+
+
 def multi_hot(indices: list[int] | set[int], num_classes: int) -> np.ndarray:
     target = np.zeros(num_classes, dtype=np.float32)
     target[list(indices)] = 1.0
     return target
+
+
+def partial_target(positives: list[int] | set[int], negatives: list[int] | set[int], num_classes: int) -> np.ndarray:
+    """A multi-label target where only the listed classes are annotated: 1 positive, 0 negative, -1 elsewhere.
+    A class listed as both counts as positive."""
+    target = np.full(num_classes, UNKNOWN, dtype=np.float32)
+    target[list(negatives)] = 0.0
+    target[list(positives)] = 1.0
+    return target
+
+
+class SparseTarget:
+    """A partial multi-label target kept as its annotated class indices, for sets with thousands of classes
+    (OpenImages: 9,605) where a dense row per image would not fit in memory. np.asarray() gives the dense row."""
+
+    __slots__ = ("positives", "negatives", "num_classes")
+
+    def __init__(self, positives: list[int], negatives: list[int], num_classes: int):
+        self.positives = np.unique(np.asarray(positives, dtype=np.int32))
+        self.negatives = np.setdiff1d(np.asarray(negatives, dtype=np.int32), self.positives)
+        self.num_classes = num_classes
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return partial_target(self.positives, self.negatives, self.num_classes).astype(dtype or np.float32)
+
+    def __repr__(self) -> str:
+        return f"SparseTarget(positives={self.positives.tolist()}, negatives={self.negatives.tolist()})"
+
+
+def has_unknown_labels(samples: list[Sample]) -> bool:
+    """Whether any multi-label sample has an unknown (-1) entry."""
+    def unknown_in(target: Any) -> bool:
+        if isinstance(target, SparseTarget):
+            return len(target.positives) + len(target.negatives) < target.num_classes
+        return np.asarray(target).min(initial=0) < 0
+
+    return any(unknown_in(s.target) for s in samples)
+
+
+def count_labels(samples: list[Sample], num_classes: int) -> np.ndarray:
+    """(3, C) counts of positive, negative and unknown entries per class over multi-label samples."""
+    positives = np.zeros(num_classes, dtype=np.int64)
+    negatives = np.zeros(num_classes, dtype=np.int64)
+    dense = []
+    for sample in samples:
+        if isinstance(sample.target, SparseTarget):
+            positives[sample.target.positives] += 1  # indices are unique within a target
+            negatives[sample.target.negatives] += 1
+        else:
+            dense.append(np.asarray(sample.target, dtype=np.float32))
+    if dense:
+        targets = np.stack(dense)
+        positives += (targets == 1).sum(0)
+        negatives += (targets == 0).sum(0)
+    return np.stack([positives, negatives, len(samples) - positives - negatives])
 
 
 def seeded_split(labels: list[int] | None, count: int, val_fraction: float,
