@@ -352,3 +352,29 @@ def test_shipped_ml_decoder_recipes():
     assert coco.input_size == 448 and coco.batch_size == 56 and coco.epochs == 40 and coco.ema == 0.9997
     csv = load_recipe(recipes / "multilabel_csv_mldecoder.yaml")
     assert (csv.model.name, csv.model.head, csv.input_size) == ("tresnet_m", "ml_decoder", 224)
+
+
+@pytest.mark.slow
+def test_torchrun_trains_the_head(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": {"name": "tresnet_m", "weights": "none", "head": "ml_decoder", "head_options": {"embedding": 32}},
+        "input_size": 32, "data": {"name": "digits", "limit": 32, "val_fraction": 0.25},
+        "transforms": {"train": [{"Resize": {"height": 32, "width": 32}}],
+                       "val": [{"Resize": {"height": 32, "width": 32}}]},
+        "epochs": 1, "batch_size": 8, "workers": 0, "sync_bn": True, "optimizer": {"name": "sgd", "lr": 0.01},
+    }))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "tresfinetune", "train", str(recipe), "-o", str(tmp_path / "run")],
+                            capture_output=True, text=True, timeout=400, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "effective 16" in result.stdout
+    stored = torch.load(tmp_path / "run" / "best.pt", weights_only=True)["model"]
+    assert stored["head.decoder.query_embed.weight"].shape == (10, 32)  # 10 digit classes: 10 groups
