@@ -225,7 +225,7 @@ def test_heads_of_the_other_kind_are_reinitialised_with_a_warning(tmp_path, capl
 def test_bad_head_arguments():
     with pytest.raises(UserError, match="unknown head 'mldecoder'"):
         create_model("tresnet_m", head="mldecoder")
-    with pytest.raises(UserError, match="apply to head='ml_decoder' only"):
+    with pytest.raises(UserError, match="apply to the ml_decoder head only, and this model's head is fc"):
         create_model("tresnet_m", head="fc", head_groups=4)
     with pytest.raises(UserError, match="multiple of 8"):
         create_model("tresnet_m", head="ml_decoder", head_embedding=100)
@@ -336,6 +336,8 @@ def test_recipe_head_keys_are_validated():
         recipe_from_dict({"model": {"head": "ml_decoder", "head_options": {"grups": 20}}})
     with pytest.raises(UserError, match="'model.head_options.embedding' must be a positive integer, got 'big'"):
         recipe_from_dict({"model": {"head_options": {"embedding": "big"}}})
+    with pytest.raises(UserError, match="'model.head_options.embedding' must be a multiple of 8 .*, got 100"):
+        recipe_from_dict({"model": {"head_options": {"embedding": 100}}})
     with pytest.raises(UserError, match="applies to model.head: ml_decoder only"):
         recipe_from_dict({"model": {"head": "fc", "head_options": {"groups": 2}}})
 

@@ -307,6 +307,7 @@ def validate(recipe: Recipe) -> None:
     """Value checks beyond types; the transforms are checked against albumentations here too."""
     from tresfinetune.datasets import source_names
     from tresfinetune.models import list_models
+    from tresfinetune.models.ml_decoder import NUM_HEADS
 
     _choice(recipe.model.name, "model.name", list_models())
     _choice(recipe.model.norm, "model.norm", ["native", "inplace_abn"])
@@ -317,6 +318,9 @@ def validate(recipe: Recipe) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or (value < 1 and (key, value) != ("groups", -1)):
             raise UserError(f"recipe key 'model.head_options.{key}' must be a positive integer"
                             f"{' (or -1)' if key == 'groups' else ''}, got {value!r}")
+    if recipe.model.head_options.get("embedding", NUM_HEADS) % NUM_HEADS:
+        raise UserError(f"recipe key 'model.head_options.embedding' must be a multiple of {NUM_HEADS} (the decoder's "
+                        f"attention heads), got {recipe.model.head_options['embedding']}")
     if recipe.model.head_options and recipe.model.head == "fc":
         raise UserError("recipe key 'model.head_options' applies to model.head: ml_decoder only")
     _choice(recipe.data.name, "data.name", source_names())

@@ -45,7 +45,8 @@ def _head_settings(head: str | None, options: dict, num_classes: int, file_head:
     kind = head or ("ml_decoder" if file_decoder else "fc")
     if kind == "fc":
         if groups is not None or embedding is not None:
-            raise UserError("head_groups and head_embedding apply to head='ml_decoder' only")
+            raise UserError("head_groups and head_embedding (model.head_options in a recipe) apply to the "
+                            "ml_decoder head only, and this model's head is fc")
         return kind, None, DEFAULT_EMBEDDING
     if file_decoder is not None and file_decoder["num_classes"] == num_classes:
         # The file's head will be loaded: its shapes decide, and options may only repeat them.

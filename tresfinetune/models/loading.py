@@ -26,7 +26,6 @@ from tresfinetune.models.tresnet import V2_AUTHORS_SLOPE
 
 logger = logging.getLogger("tresfinetune")
 
-HEAD_KEYS = ("head.fc.weight", "head.fc.bias")
 # What the ML_Decoder code calls the backbones it trained (SPEC section 9).
 ML_DECODER_NAMES = {"tresnet_m": "tresnet_m", "tresnet_v2_l": "tresnet_l", "tresnet_v2_xl": "tresnet_xl"}
 WEIGHTS_HINT = "pass a local weights file with --set model.weights=PATH"
