@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from tresfinetune.errors import UserError
-from tresfinetune.models import MLDecoderHead, create_model, list_models
+from tresfinetune.models import MLDecoderHead, create_model, describe_models, list_models
 from tresfinetune.models.ml_decoder import group_size, num_groups
 from tresfinetune.models.tresnet import ARCHITECTURES, TResNet
 
@@ -127,6 +127,11 @@ def test_tresnet_v2_xl():
         model = create_model("tresnet_v2_xl", num_classes=80, head="ml_decoder")
     assert [len(getattr(model.body, f"layer{i}")) for i in (1, 2, 3, 4)] == [3, 8, 34, 5]
     assert model.slopes == (1e-2, 1e-3) and model.head.groups == 80
+    rows = {r["name"]: r for r in describe_models()}
+    assert rows["tresnet_v2_xl"]["params"] == 69_300_712
+    assert [t["tag"] for t in rows["tresnet_v2_xl"]["tags"]] == ["tresnet_v2_xl.mldecoder_coco_640"]
+    assert {t["tag"] for t in rows["tresnet_v2_l"]["tags"]} >= {
+        "tresnet_v2_l.mldecoder_coco_448", "tresnet_v2_l.mldecoder_stanford_cars", "tresnet_v2_l.mldecoder_in21k"}
 
 
 def test_slopes_follow_the_code_that_trains_the_head():
