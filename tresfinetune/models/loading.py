@@ -6,6 +6,7 @@ Accepted: a known tag (downloaded once, see pretrained.py) or a local .pth/.pt/.
 - a tresfinetune checkpoint ({'format': 'tresfinetune-checkpoint', 'model', 'ema', 'inference', ...}): the
   weights its 'inference' entry names (an EMA wrapper's 'module.' prefix is removed).
 Pickles are read with weights_only=True: a file that would run code when unpickled is refused.
+The head may be pooling + fc (`head.fc.*`) or ML-Decoder (`head.decoder.*`, the ML_Decoder code's files).
 """
 
 from __future__ import annotations
@@ -127,13 +128,6 @@ def _head_words(head: dict) -> str:
 
 def _model_head(model: torch.nn.Module) -> dict:
     return describe_head(model.state_dict()) or {"kind": "none", "num_classes": model.num_classes}
-
-
-def file_num_classes(path: str | Path) -> int | None:
-    """Number of classes of the head stored in a weights file (None if it has no head)."""
-    state_dict, _ = read_weights(path)
-    head = describe_head(state_dict)
-    return None if head is None else head["num_classes"]
 
 
 def read_ours(source: str | Path) -> tuple[dict[str, torch.Tensor], dict, Path, str | None, bool]:
