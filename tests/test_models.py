@@ -10,7 +10,8 @@ from tresfinetune.models.factory import GFLOPS_224
 from tresfinetune.models.norm import NormAct
 from tresfinetune.models.tresnet import ARCHITECTURES, AntiAliasDownsample, SpaceToDepth, TResNet, conv_gflops
 
-PARAMS = {"tresnet_m": 31_389_032, "tresnet_l": 55_989_256, "tresnet_xl": 78_436_244, "tresnet_v2_l": 46_174_824}
+PARAMS = {"tresnet_m": 31_389_032, "tresnet_l": 55_989_256, "tresnet_xl": 78_436_244, "tresnet_v2_l": 46_174_824,
+          "tresnet_v2_xl": 69_300_712}
 AUTHORS_KEYS = {"tresnet_m": 374, "tresnet_l": 535, "tresnet_xl": 649, "tresnet_v2_l": 642}
 
 
@@ -160,7 +161,7 @@ def test_v2_slopes_option():
 
 
 def test_list_and_describe_models():
-    assert list_models() == ["tresnet_m", "tresnet_l", "tresnet_xl", "tresnet_v2_l"]
+    assert list_models() == ["tresnet_m", "tresnet_l", "tresnet_xl", "tresnet_v2_l", "tresnet_v2_xl"]
     rows = {r["name"]: r for r in describe_models()}
     assert rows["tresnet_m"]["params"] == PARAMS["tresnet_m"]
     assert rows["tresnet_l"]["gflops_224"] == pytest.approx(10.878)
@@ -170,7 +171,7 @@ def test_list_and_describe_models():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"name": "resnet50"}, "tresnet_m, tresnet_l, tresnet_xl, tresnet_v2_l"),
+        ({"name": "resnet50"}, "tresnet_m, tresnet_l, tresnet_xl, tresnet_v2_l, tresnet_v2_xl"),
         ({"name": "tresnet_m", "num_classes": 0}, "positive integer"),
         ({"name": "tresnet_m", "drop_rate": 0.1}, "unknown model option"),
         ({"name": "tresnet_m", "slopes": "mine"}, "authors, timm"),

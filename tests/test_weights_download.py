@@ -106,3 +106,24 @@ def test_no_network_says_how_to_use_a_local_file(monkeypatch):
 def test_unknown_tag():
     with pytest.raises(UserError, match="unknown weights tag"):
         download("tresnet_m.nonexistent")
+
+
+@pytest.mark.filterwarnings("ignore:for .*copying from a non-meta parameter:UserWarning")
+def test_ml_decoder_zoo_tag_downloads_once_with_its_head(server, hub_cache, monkeypatch):
+    """The OpenImages file: 9605 classes in 200 groups, which the head takes from the file (its rule alone: 100)."""
+    from tresfinetune.models.tresnet import ARCHITECTURES, TResNet
+
+    base, folder, requests = server
+    with torch.device("meta"):
+        shapes = TResNet(ARCHITECTURES["tresnet_m"], 9605, head="ml_decoder", head_groups=200).state_dict()
+    torch.save({"model": {k: torch.zeros(()).expand(v.shape) for k, v in shapes.items()}},  # no memory
+               folder / "tresnet_m.mldecoder_open_images.pth")
+    monkeypatch.setenv("TRESFINETUNE_WEIGHTS_URL", base)
+    for _ in range(2):
+        with torch.device("meta"):
+            model = create_model("tresnet_m.mldecoder_open_images", num_classes=None)
+        assert model.head_kind == "ml_decoder" and model.head.groups == 200 and model.num_classes == 9605
+        assert model.pretrained_cfg["tag"] == "tresnet_m.mldecoder_open_images"
+    assert requests == ["/tresnet_m.mldecoder_open_images.pth"]
+    assert PRETRAINED["tresnet_m.mldecoder_open_images"].sources[0].url.endswith(
+        "/model-zoo/ML_Decoder/tresnet_m_open_images_200_groups_86_8.pth")

@@ -27,6 +27,10 @@ class ModelConfig:
     weights: str | None = "none"
     # "native" (memory-saving, pure PyTorch) or "inplace_abn" (needs the optional inplace-abn package).
     norm: str = "native"
+    # "fc" (global pooling + linear) or "ml_decoder"; null: ml_decoder when the weights carry one, else fc.
+    head: str | None = None
+    # ml_decoder only: {groups: G (-1 or unset: 100, capped at the class count), embedding: E (768)}.
+    head_options: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -135,6 +139,10 @@ class Recipe:
     @property
     def source_path(self) -> Path | None:
         return getattr(self, "_source_path", None)
+
+
+# model.head_options keys -> create_model's arguments.
+HEAD_OPTIONS = {"groups": "head_groups", "embedding": "head_embedding"}
 
 
 def _type_name(tp: Any) -> str:
@@ -282,6 +290,11 @@ def load_recipe(path: str | Path, overrides: typing.Iterable[str] = ()) -> Recip
     return recipe
 
 
+def model_head_arguments(recipe: Recipe) -> dict:
+    """create_model's head arguments from the recipe's model.head and model.head_options."""
+    return {"head": recipe.model.head, **{HEAD_OPTIONS[k]: v for k, v in recipe.model.head_options.items()}}
+
+
 def recipe_to_dict(recipe: Recipe) -> dict:
     return dataclasses.asdict(recipe)
 
@@ -306,9 +319,22 @@ def validate(recipe: Recipe) -> None:
     """Value checks beyond types; the transforms are checked against albumentations here too."""
     from tresfinetune.datasets import source_names
     from tresfinetune.models import list_models
+    from tresfinetune.models.ml_decoder import NUM_HEADS
 
     _choice(recipe.model.name, "model.name", list_models())
     _choice(recipe.model.norm, "model.norm", ["native", "inplace_abn"])
+    if recipe.model.head is not None:
+        _choice(recipe.model.head, "model.head", ["fc", "ml_decoder"])
+    for key, value in recipe.model.head_options.items():
+        _choice(key, "model.head_options", list(HEAD_OPTIONS))
+        if isinstance(value, bool) or not isinstance(value, int) or (value < 1 and (key, value) != ("groups", -1)):
+            raise UserError(f"recipe key 'model.head_options.{key}' must be a positive integer"
+                            f"{' (or -1)' if key == 'groups' else ''}, got {value!r}")
+    if recipe.model.head_options.get("embedding", NUM_HEADS) % NUM_HEADS:
+        raise UserError(f"recipe key 'model.head_options.embedding' must be a multiple of {NUM_HEADS} (the decoder's "
+                        f"attention heads), got {recipe.model.head_options['embedding']}")
+    if recipe.model.head_options and recipe.model.head == "fc":
+        raise UserError("recipe key 'model.head_options' applies to model.head: ml_decoder only")
     _choice(recipe.data.name, "data.name", source_names())
     _choice(recipe.data.on_bad_image, "data.on_bad_image", ["skip", "error"])
     _choice(recipe.optimizer.name, "optimizer.name", ["adamw", "adam", "sgd"])

@@ -43,9 +43,9 @@ from tresfinetune.errors import UserError
 from tresfinetune.evaluation import MULTI_LABEL, SINGLE_LABEL, collect_scores, compute_metrics, main_metric
 from tresfinetune.losses import PartialLabelLoss, build_loss
 from tresfinetune.metrics import tune_thresholds
-from tresfinetune.models import create_model
+from tresfinetune.models import create_model, head_arguments
 from tresfinetune.optim import Mixup, ModelEma, build_optimizer, build_scheduler
-from tresfinetune.recipe import Recipe, load_recipe, recipe_from_dict, recipe_to_dict
+from tresfinetune.recipe import Recipe, load_recipe, model_head_arguments, recipe_from_dict, recipe_to_dict
 from tresfinetune.runtime import amp_dtype_for, autocast, resolve_device
 
 log = logging.getLogger("tresfinetune")
@@ -226,7 +226,10 @@ def _train(
     num_classes = len(class_names)
     # Training from a checkpoint restores its weights below; the pretrained file is needed only at the start.
     weights = None if ckpt is not None else recipe.model.weights
-    model = create_model(recipe.model.name, num_classes=num_classes, weights=weights, norm=recipe.model.norm)
+    # Resuming rebuilds the head the run trained (its groups may have come from the pretrained file).
+    head = head_arguments(ckpt["model"]) if ckpt is not None else model_head_arguments(recipe)
+    model = create_model(recipe.model.name, num_classes=num_classes, weights=weights, norm=recipe.model.norm,
+                         **head)
     if ckpt is not None:
         try:
             model.load_state_dict(ckpt["model"])

@@ -1,4 +1,4 @@
-"""TResNet models: architecture, InPlaceABN-style norm, pretrained weights in any layout, inference fusion."""
+"""TResNet models: architecture, heads (fc, ML-Decoder), InPlaceABN-style norm, weights in any layout, fusion."""
 
 from tresfinetune.models.convert import (
     authors_to_ours,
@@ -9,16 +9,18 @@ from tresfinetune.models.convert import (
     timm_to_ours,
     to_ours,
 )
-from tresfinetune.models.factory import create_model, describe_models, list_models
+from tresfinetune.models.factory import create_model, describe_models, head_arguments, list_models
 from tresfinetune.models.from_checkpoint import load_checkpoint_model
 from tresfinetune.models.fuse import fuse_for_inference
 from tresfinetune.models.loading import load_weights, read_weights
+from tresfinetune.models.ml_decoder import MLDecoderHead
 from tresfinetune.models.norm import NormAct, convert_sync_norm
 from tresfinetune.models.pretrained import PRETRAINED, download
 from tresfinetune.models.tresnet import TResNet
 
 __all__ = [
     "PRETRAINED",
+    "MLDecoderHead",
     "NormAct",
     "TResNet",
     "authors_to_ours",
@@ -29,6 +31,7 @@ __all__ = [
     "download",
     "fuse_for_inference",
     "guess_architecture",
+    "head_arguments",
     "list_models",
     "load_checkpoint_model",
     "load_weights",

@@ -25,7 +25,7 @@ def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu") 
     Attributes attached: class_names, task, input_size, mean, std, thresholds (per-class list for multi-label
     runs, else None), model_name, checkpoint_path, and recipe (the run's recipe as a dict).
     """
-    from tresfinetune.models.factory import create_model
+    from tresfinetune.models.factory import create_model, head_arguments
 
     ckpt = load_checkpoint(resolve_checkpoint_path(path, prefer="best.pt"))
     missing = [key for key in ("model_name", "class_names", "task", "input_size") if key not in ckpt]
@@ -33,9 +33,11 @@ def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu") 
         raise UserError(f"'{ckpt['path']}' lacks {', '.join(missing)}; it was not written by tresfinetune train")
     # A recipe may name the model with its weights tag (tresnet_m.miil_in1k); the architecture is the first part.
     architecture = str(ckpt["model_name"]).split(".", 1)[0]
-    model = create_model(architecture, num_classes=len(ckpt["class_names"]), weights=None)
+    state_dict = unwrap_state_dict(ckpt, ckpt["path"])[0]
+    model = create_model(architecture, num_classes=len(ckpt["class_names"]), weights=None,
+                         **head_arguments(state_dict))
     try:
-        model.load_state_dict(unwrap_state_dict(ckpt, ckpt["path"])[0])
+        model.load_state_dict(state_dict)
     except RuntimeError as e:
         first_line = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
         raise UserError(f"the weights in '{ckpt['path']}' do not fit a {architecture} with "

@@ -6,6 +6,7 @@ Accepted: a known tag (downloaded once, see pretrained.py) or a local .pth/.pt/.
 - a tresfinetune checkpoint ({'format': 'tresfinetune-checkpoint', 'model', 'ema', 'inference', ...}): the
   weights its 'inference' entry names (an EMA wrapper's 'module.' prefix is removed).
 Pickles are read with weights_only=True: a file that would run code when unpickled is refused.
+The head may be pooling + fc (`head.fc.*`) or ML-Decoder (`head.decoder.*`, the ML_Decoder code's files).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from tresfinetune.models.tresnet import V2_AUTHORS_SLOPE
 
 logger = logging.getLogger("tresfinetune")
 
-HEAD_KEYS = ("head.fc.weight", "head.fc.bias")
+# What the ML_Decoder code calls the backbones it trained (SPEC section 9).
+ML_DECODER_NAMES = {"tresnet_m": "tresnet_m", "tresnet_v2_l": "tresnet_l", "tresnet_v2_xl": "tresnet_xl"}
 WEIGHTS_HINT = "pass a local weights file with --set model.weights=PATH"
 
 
@@ -105,51 +107,89 @@ def _named(keys: list[str] | set[str], limit: int = 5) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def file_num_classes(path: str | Path) -> int | None:
-    """Number of classes of the head stored in a weights file (None if it has no head)."""
-    state_dict, _ = read_weights(path)
-    head = state_dict.get("head.fc.weight")
-    return None if head is None else int(head.shape[0])
+def describe_head(state_dict: dict[str, torch.Tensor]) -> dict | None:
+    """The head a (our-layout) state dict holds: {'kind', 'num_classes'} plus 'groups' and 'embedding' for an
+    ML-Decoder head; None when it holds no head."""
+    if "head.decoder.query_embed.weight" in state_dict and "head.decoder.duplicate_pooling_bias" in state_dict:
+        groups, embedding = state_dict["head.decoder.query_embed.weight"].shape
+        return {"kind": "ml_decoder", "num_classes": int(state_dict["head.decoder.duplicate_pooling_bias"].shape[0]),
+                "groups": int(groups), "embedding": int(embedding)}
+    if "head.fc.weight" in state_dict:
+        return {"kind": "fc", "num_classes": int(state_dict["head.fc.weight"].shape[0])}
+    return None
 
 
-def load_weights(model: torch.nn.Module, source: str | Path, strict_head: bool = False) -> None:
-    """Load a tag's or a file's weights into `model` (a TResNet), converting the layout as needed.
+def _head_words(head: dict) -> str:
+    if head["kind"] == "fc":
+        return f"a {head['num_classes']}-class head (pooling + fc)"
+    return (f"a {head['num_classes']}-class ML-Decoder head ({head['groups']} groups, embedding "
+            f"{head['embedding']})")
 
-    A head for a different number of classes is skipped (the model's head is re-initialised and a warning
-    logged) unless `strict_head`, which makes it an error. Any other missing, unexpected or misshapen key is
-    an error naming the keys. Sets `model.pretrained_cfg`.
-    """
+
+def _model_head(model: torch.nn.Module) -> dict:
+    return describe_head(model.state_dict()) or {"kind": "none", "num_classes": model.num_classes}
+
+
+def read_ours(source: str | Path) -> tuple[dict[str, torch.Tensor], dict, Path, str | None, bool]:
+    """(state dict in our layout, metadata, file path, tag or None, whether the file used timm's layout)."""
     path, tag = resolve_source(source)
     stored, meta = read_weights(path)
     try:
         state_dict = to_ours(stored)
     except ValueError as e:
         raise UserError(f"{path} does not contain TResNet weights ({e}); {WEIGHTS_HINT}") from None
+    return state_dict, meta, path, tag, detect_layout(stored) == "timm"
 
-    model_name = getattr(model, "model_name", None)
+
+def check_architecture(state_dict: dict[str, torch.Tensor], model_name: str | None, path: str | Path) -> None:
+    """UserError naming the right architecture when the file's backbone is not `model_name`'s."""
     file_arch = guess_architecture(state_dict)
-    if file_arch is not None and model_name is not None and file_arch != model_name:
-        raise UserError(f"{path} holds {file_arch} weights, but the model is {model_name}; "
-                        f"create a {file_arch} model for this file")
+    if file_arch is None or model_name is None or file_arch == model_name:
+        return
+    head = describe_head(state_dict)
+    ml_decoder = head is not None and head["kind"] == "ml_decoder"
+    called = f" (the ML_Decoder code's {ML_DECODER_NAMES[file_arch]})" if ml_decoder else ""
+    raise UserError(f"{path} holds {file_arch} weights{called}, but the model is {model_name}; "
+                    f"create a {file_arch} model for this file")
+
+
+def load_weights(model: torch.nn.Module, source: str | Path, strict_head: bool = False) -> None:
+    """Load a tag's or a file's weights into `model` (a TResNet), converting the layout as needed."""
+    state_dict, meta, path, tag, was_timm = read_ours(source)
+    load_state(model, state_dict, meta, path, tag, strict_head, was_timm)
+
+
+def load_state(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], meta: dict, path: Path,
+               tag: str | None = None, strict_head: bool = False, was_timm: bool = False) -> None:
+    """Load an our-layout state dict (from read_ours) into `model` (a TResNet).
+
+    A head that does not fit (another number of classes, or an fc head for an ML-Decoder model and the other
+    way round) is skipped, the model's head re-initialised and a warning logged, unless `strict_head`, which
+    makes it an error. An ML-Decoder head for the same classes with other groups or embedding is an error. Any
+    other missing, unexpected or misshapen key is an error naming the keys. Sets `model.pretrained_cfg`.
+    """
+    state_dict = dict(state_dict)
+    model_name = getattr(model, "model_name", None)
+    check_architecture(state_dict, model_name, path)
+    file_arch = guess_architecture(state_dict)
 
     expected = {k: v for k, v in model.state_dict().items() if not k.endswith("." + PLAIN_BN_KEY)}
-    given = {k for k in state_dict if not k.endswith("." + PLAIN_BN_KEY)}
-    file_head = state_dict.get("head.fc.weight")
-    if file_head is None and not any(k in state_dict for k in HEAD_KEYS):
+    file_head, model_head = describe_head(state_dict), _model_head(model)
+    head_keys = {k for k in state_dict if k.startswith("head.")}
+    if file_head is None and not head_keys:
         logger.warning("%s has no classifier head: the model's head is freshly initialised", path.name)
-        expected = {k: v for k, v in expected.items() if k not in HEAD_KEYS}
-    elif file_head is not None and file_head.shape != expected["head.fc.weight"].shape:
-        if strict_head:
-            raise UserError(f"{path} has a {file_head.shape[0]}-class head, but the model has "
-                            f"{model.num_classes} classes")
-        for key in HEAD_KEYS:
-            state_dict.pop(key, None)
-            given.discard(key)
-        logger.warning("%s has a %d-class head and the model has %d classes: the classifier head was "
-                       "re-initialised and will be trained from scratch", path.name, file_head.shape[0],
-                       model.num_classes)
+        expected = {k: v for k, v in expected.items() if not k.startswith("head.")}
+    elif file_head is not None and file_head != model_head:
+        same_classes = file_head["num_classes"] == model_head["num_classes"]
+        if strict_head or (same_classes and file_head["kind"] == model_head["kind"]):
+            raise UserError(f"{path} has {_head_words(file_head)}, but the model has {_head_words(model_head)}")
+        for key in head_keys:
+            state_dict.pop(key)
+        logger.warning("%s has %s and the model has %s: the head was re-initialised and will be trained from "
+                       "scratch", path.name, _head_words(file_head), _head_words(model_head))
         model.reset_classifier(model.num_classes)
-        expected = {k: v for k, v in expected.items() if k not in HEAD_KEYS}
+        expected = {k: v for k, v in expected.items() if not k.startswith("head.")}
+    given = {k for k in state_dict if not k.endswith("." + PLAIN_BN_KEY)}
 
     missing, unexpected = set(expected) - given, given - set(expected)
     if missing or unexpected:
@@ -169,7 +209,7 @@ def load_weights(model: torch.nn.Module, source: str | Path, strict_head: bool =
     if plain:
         logger.info("%d norm layers in %s have scales below 1e-5 or negative (plain BatchNorm); they keep "
                     "plain BatchNorm semantics and save no activation memory", plain, path.name)
-    if detect_layout(stored) == "timm" and V2_AUTHORS_SLOPE in getattr(model, "slopes", ()):
+    if was_timm and V2_AUTHORS_SLOPE in getattr(model, "slopes", ()):
         logger.debug("tresnet_v2_l runs the authors' leaky slope 1e-6; timm's port uses 1e-3/1e-2 "
                      "(logits differ ~3e-4 relative); create_model(..., slopes='timm') reproduces timm exactly")
 

@@ -35,6 +35,7 @@ GITHUB = "https://github.com/huggingface/pytorch-image-models/releases/download/
 AUTHORS = "https://miil-public-eu.oss-eu-central-1.aliyuncs.com/model-zoo/{path}"
 BASE_URL_ENV = "TRESFINETUNE_WEIGHTS_URL"
 IN21K_CLASSES = 11221
+OPEN_IMAGES_CLASSES = 9605
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,11 @@ def _authors(tag: str, path: str) -> WeightsFile:
     return WeightsFile(AUTHORS.format(path=path), f"{tag}.pth")
 
 
+def _ml_decoder(tag: str, file: str, num_classes: int, input_size: int, note: str) -> PretrainedWeights:
+    return PretrainedWeights(tag, (_authors(tag, f"ML_Decoder/{file}"),), num_classes=num_classes,
+                             input_size=input_size, crop_pct=1.0, note=note)
+
+
 _WEIGHTS = [
     PretrainedWeights("tresnet_m.miil_in1k", (_hub("tresnet_m.miil_in1k"),), top1=80.8),
     PretrainedWeights("tresnet_m.miil_in21k_ft_in1k", (
@@ -133,6 +139,19 @@ _WEIGHTS = [
     PretrainedWeights("tresnet_v2_l.authors_stanford_cars", (
         _authors("tresnet_v2_l.authors_stanford_cars", "tresnet/stanford_cars_tresnet-l-v2_96_27.pth"),),
         num_classes=196, input_size=368, crop_pct=1.0, note="Stanford Cars, 96.27%"),
+    # The ML_Decoder zoo: ML-Decoder heads (create_model picks head='ml_decoder' and its groups from the file).
+    # Their "tresnet_l" / "tresnet_xl" are our V2 layouts; the inputs were squish-resized (crop_pct 1).
+    _ml_decoder("tresnet_m.mldecoder_coco", "tresnet_m_COCO_224_84_2.pth", 80, 224, "MS-COCO, ML-Decoder, 84.2 mAP"),
+    _ml_decoder("tresnet_v2_l.mldecoder_coco_448", "tresnet_l_COCO__448_90_0.pth", 80, 448,
+                "MS-COCO, ML-Decoder, 90.1 mAP"),
+    _ml_decoder("tresnet_v2_xl.mldecoder_coco_640", "tresnet_xl_COCO_640_91_4.pth", 80, 640,
+                "MS-COCO, ML-Decoder, 91.4 mAP"),
+    _ml_decoder("tresnet_m.mldecoder_open_images", "tresnet_m_open_images_200_groups_86_8.pth", OPEN_IMAGES_CLASSES,
+                224, "OpenImages, ML-Decoder 200 groups, 86.8 mAP"),
+    _ml_decoder("tresnet_v2_l.mldecoder_stanford_cars", "tresnet_l_stanford_card_96.41.pth", 196, 384,
+                "Stanford Cars, ML-Decoder, 96.41%"),
+    _ml_decoder("tresnet_v2_l.mldecoder_in21k", "tresnet_l_pretrain_ml_decoder.pth", IN21K_CLASSES, 224,
+                "ImageNet-21K-P backbone the ML-Decoder COCO recipe starts from"),
 ]
 
 PRETRAINED: dict[str, PretrainedWeights] = {w.tag: w for w in _WEIGHTS}

@@ -1,7 +1,8 @@
-"""The TResNet family (Ridnik et al. 2020): TResNet-M, -L, -XL and TResNet-L V2.
+"""The TResNet family (Ridnik et al. 2020): TResNet-M, -L, -XL, TResNet-L V2 and ML_Decoder's V2 XL.
 
 Reads top to bottom: stem pieces, the conv-norm-act unit, squeeze-excite, the two residual blocks, then the
-network assembled from a table of stage settings (`ARCHITECTURES`). Module names and nesting follow the authors'
+network assembled from a table of stage settings (`ARCHITECTURES`) and one of two heads: global pooling + fc
+(`head.fc`) or ML-Decoder (`head.decoder.*`, see ml_decoder.py). Module names and nesting follow the authors'
 checkpoints (`body.conv1.0.weight`, `body.layer2.0.conv1.0.1.running_var`, `head.fc.bias`, ...), so their files
 load as they are. Pretrained weights and their loading live elsewhere (`pretrained.py`, `loading.py`).
 """
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tresfinetune.models.ml_decoder import DEFAULT_EMBEDDING, MLDecoderHead
 from tresfinetune.models.norm import NormAct
 
 STEM_SLOPE = 1e-2
@@ -234,7 +236,11 @@ ARCHITECTURES: dict[str, Architecture] = {
     "tresnet_l": Architecture(int(64 * 1.2), _v1_stages((4, 5, 18, 3))),
     "tresnet_xl": Architecture(int(64 * 1.3), _v1_stages((4, 5, 24, 3))),
     "tresnet_v2_l": Architecture(64, _v2_stages((3, 4, 23, 3)), (V2_AUTHORS_SLOPE, V2_AUTHORS_SLOPE)),
+    # Only in the ML_Decoder code (as its "tresnet_xl"), which uses the ordinary slopes.
+    "tresnet_v2_xl": Architecture(64, _v2_stages((3, 8, 34, 5))),
 }
+
+HEADS = ("fc", "ml_decoder")
 
 
 class ClassifierHead(nn.Module):
@@ -253,13 +259,33 @@ def _init_classifier(fc: nn.Linear) -> None:
     nn.init.zeros_(fc.bias)
 
 
+def make_head(kind: str, num_features: int, num_classes: int, groups: int | None = None,
+              embedding: int = DEFAULT_EMBEDDING) -> nn.Module:
+    """A head: 'fc' (pool + linear; see init_head) or 'ml_decoder' (groups / embedding apply to it only)."""
+    if kind == "ml_decoder":
+        return MLDecoderHead(num_features, num_classes, groups, embedding)
+    return ClassifierHead(num_features, num_classes)
+
+
+def init_head(head: nn.Module) -> None:
+    """TResNet's init for the fc head; ML-Decoder initialises itself as the reference does."""
+    if isinstance(head, ClassifierHead):
+        _init_classifier(head.fc)
+
+
 class TResNet(nn.Module):
-    """TResNet: `body` (space-to-depth stem, conv1, layer1-4) and `head` (pool + `head.fc`)."""
+    """TResNet: `body` (space-to-depth stem, conv1, layer1-4) and `head` (pool + `head.fc`, or ML-Decoder).
+
+    head_groups (None: the reference's rule) and head_embedding apply to head='ml_decoder' only.
+    """
 
     def __init__(self, arch: Architecture, num_classes: int = 1000,
-                 slopes: tuple[float, float] | None = None, model_name: str = "") -> None:
+                 slopes: tuple[float, float] | None = None, model_name: str = "", head: str = "fc",
+                 head_groups: int | None = None, head_embedding: int = DEFAULT_EMBEDDING) -> None:
         super().__init__()
         self.model_name = model_name
+        self.head_kind = head
+        self.head_options = {"groups": head_groups, "embedding": head_embedding}
         self.slopes = slopes or arch.authors_slopes
         stem_slope, block_slope = self.slopes
         width = arch.base_width
@@ -281,7 +307,7 @@ class TResNet(nn.Module):
         ]))
         self.num_features = in_channels
         self.num_classes = num_classes
-        self.head = ClassifierHead(self.num_features, num_classes)
+        self.head = make_head(head, self.num_features, num_classes, head_groups, head_embedding)
         self.pretrained_cfg: dict = {}
         self._init_weights()
 
@@ -296,7 +322,7 @@ class TResNet(nn.Module):
         for module in self.modules():
             if isinstance(module, BasicBlock | Bottleneck):
                 nn.init.zeros_(module.last_norm().weight)
-        _init_classifier(self.head.fc)
+        init_head(self.head)
 
     def norm_layers(self) -> list[NormAct]:
         return [m for m in self.modules() if isinstance(m, NormAct)]
@@ -306,10 +332,10 @@ class TResNet(nn.Module):
             layer.set_backend(backend)
 
     def reset_classifier(self, num_classes: int) -> None:
-        """Replace `head.fc` with a freshly initialised one for `num_classes` classes."""
-        old = self.head.fc
-        self.head.fc = nn.Linear(self.num_features, num_classes, device=old.weight.device, dtype=old.weight.dtype)
-        _init_classifier(self.head.fc)
+        """Replace the head with a freshly initialised one of the same kind for `num_classes` classes."""
+        like = next(self.head.parameters())
+        self.head = make_head(self.head_kind, self.num_features, num_classes, **self.head_options).to(like)
+        init_head(self.head)
         self.num_classes = num_classes
         self.pretrained_cfg["num_classes"] = num_classes
 
