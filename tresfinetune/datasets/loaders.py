@@ -57,7 +57,9 @@ class ImageDataset(Dataset):
     def load(self, index: int) -> np.ndarray:
         """The sample's RGB uint8 pixels, before augmentation; UnreadableImage for a broken file."""
         image = self.samples[index].image
-        return load_image(image) if isinstance(image, str) else image
+        if not isinstance(image, str):
+            return image
+        return load_image(image, getattr(self.transform, "decode_fits", None))
 
     def target(self, index: int) -> torch.Tensor:
         target = self.samples[index].target
