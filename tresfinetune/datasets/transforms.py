@@ -198,12 +198,17 @@ SIZE_ARGUMENTS: dict[str, dict[str, str]] = {
 FIXED_CROPS = {"CenterCrop", "RandomCrop"}
 
 
-def _next_sized(spec: list, start: int) -> str | None:
-    """Name of the first size-taking transform in spec[start:], if any."""
+def _next_sized(spec: list, start: int = 0) -> str | None:
+    """Name of the first size-taking transform in spec[start:] (looking inside OneOf and the like), if any."""
     for entry in spec[start:]:
-        name = entry if isinstance(entry, str) else next(iter(entry), None) if isinstance(entry, dict) else None
-        if name in SIZE_ARGUMENTS:
-            return name
+        if isinstance(entry, str) and entry in SIZE_ARGUMENTS:
+            return entry
+        if isinstance(entry, dict) and len(entry) == 1:
+            ((name, args),) = entry.items()
+            children = args.get("transforms") if isinstance(args, dict) else None
+            found = _next_sized(children) if isinstance(children, list) else name if name in SIZE_ARGUMENTS else None
+            if found:
+                return found
     return None
 
 
