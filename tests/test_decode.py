@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from tresfinetune.datasets import SINGLE_LABEL, ImageDataset, Sample, build_transforms
-from tresfinetune.datasets.images import REDUCED_RGB_FLAGS, jpeg_reduction, load_image
+from tresfinetune.datasets.images import REDUCED_RGB_FLAGS, DecodedImageCache, jpeg_reduction, load_image
+from tresfinetune.errors import UserError
 from tresfinetune.predict import ImageFiles
 from tresfinetune.recipe import recipe_from_dict
 
@@ -107,3 +108,42 @@ def test_training_evaluation_and_prediction_inputs_use_it(big_jpeg):
     index, tensor = ImageFiles([big_jpeg], val)[0]  # predict's dataset
     assert index == 0 and torch.equal(tensor, val(load_image(big_jpeg, val.decode_fits)))
     assert not torch.equal(tensor, val(load_image(big_jpeg)))
+
+
+def test_decoded_image_cache_returns_the_same_pixels_and_notices_changes(big_jpeg, tmp_path):
+    cache = DecodedImageCache(tmp_path / "cache")
+    fits = pipeline(64, train=True).decode_fits
+    expected = load_image(big_jpeg, fits)
+    for _ in range(2):
+        assert np.array_equal(cache.load(big_jpeg, fits), expected)
+    entries = sorted((tmp_path / "cache").rglob("*.npy"))
+    assert len(entries) == 1 and np.array_equal(np.load(entries[0]), expected)
+    other_size = pipeline(224, train=False).decode_fits  # another reduction: its own entry
+    assert np.array_equal(cache.load(big_jpeg, other_size), load_image(big_jpeg, other_size))
+    edited = tmp_path / "edited.jpg"
+    Image.fromarray(photo_pixels()).save(edited, quality=90)
+    cache.load(edited, fits)
+    Image.fromarray(255 - photo_pixels()).save(edited, quality=90)  # same name, new content
+    assert np.array_equal(cache.load(edited, fits), load_image(edited, fits))
+    assert len(list((tmp_path / "cache").rglob("*.npy"))) == 4
+    assert not list((tmp_path / "cache").rglob("*.partial"))
+
+
+def test_training_loaders_use_the_cache_folder(tmp_path, big_jpeg):
+    from tresfinetune.datasets import build_loaders
+
+    root = tmp_path / "photos"
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        for i in range(3):
+            (root / name / f"{i}.jpg").write_bytes(big_jpeg.read_bytes())
+    recipe = recipe_from_dict({"input_size": 64, "data": {"name": "folder", "root": str(root),
+                                                          "decode_cache": str(tmp_path / "cache")},
+                               "batch_size": 2, "workers": 0})
+    train_loader, val_loader, _ = build_loaders(recipe)
+    first = [images for images, _ in val_loader]
+    assert len(list((tmp_path / "cache").rglob("*.npy"))) == 2  # one per validation file
+    assert all(torch.equal(a, b) for a, b in zip(first, [images for images, _ in val_loader], strict=True))
+    with pytest.raises(UserError, match="cannot create the data.decode_cache folder"):
+        build_loaders(recipe_from_dict({"input_size": 64, "data": {
+            "name": "folder", "root": str(root), "decode_cache": str(big_jpeg / "cache")}}))

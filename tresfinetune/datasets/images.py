@@ -11,6 +11,7 @@ result still fits, in either orientation. Other formats decode at full size.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -103,3 +104,41 @@ def load_image(path: str | os.PathLike, fits: Callable[[int, int], bool] | None 
             return np.asarray(pil_image.convert("RGB"))
     except Exception as e:  # Pillow raises many types for broken files; all mean "unreadable"
         raise UnreadableImage(path, f"{type(e).__name__}: {e}") from None
+
+
+class DecodedImageCache:
+    """Decoded images kept in a folder as raw pixels (.npy, at the decoded size), so that later epochs skip the JPEG
+    decode: a 12 MP photo costs ~70 ms to decode in full and ~30 ms at 1/8 scale, but a millisecond to read back.
+
+    An entry is keyed by the file's absolute path, size, modification time and DCT reduction, so an edited photo or a
+    pipeline needing another size decodes afresh. Entries are written atomically; loader workers share the folder.
+    Disk use is width x height x 3 bytes per image at the decoded size (2.3 MB for a 12 MP photo at 1/4).
+    """
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder).expanduser()
+
+    def load(self, path: str | os.PathLike, fits: Callable[[int, int], bool] | None = None) -> np.ndarray:
+        """load_image(path, fits), from the cache when this file was decoded the same way before."""
+        path = os.path.abspath(os.fspath(path))
+        try:
+            stat = os.stat(path)
+        except OSError:
+            return load_image(path, fits)  # reports the missing file
+        factor = jpeg_reduction(path, fits) if fits is not None else 1
+        key = hashlib.sha1(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\0{factor}".encode()).hexdigest()
+        entry = self.folder / key[:2] / f"{key}.npy"
+        try:
+            return np.load(entry)
+        except (OSError, ValueError):  # not cached yet (or a damaged entry: decode and rewrite it)
+            pass
+        image = load_image(path, fits)
+        try:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            partial = entry.with_name(f"{key}.{os.getpid()}.partial")
+            with open(partial, "wb") as f:
+                np.save(f, image)
+            os.replace(partial, entry)
+        except OSError:  # a full or read-only disk only costs speed
+            pass
+        return image
