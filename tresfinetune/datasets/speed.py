@@ -48,7 +48,7 @@ def loader_speed(recipe: Recipe, split: str = "train", batches: int = 20,
     seconds = time.perf_counter() - start
     if images == 0:
         raise UserError(f"no readable images in the timed batches of split '{split}'")
-    return {"split": split, "images": images, "seconds": round(seconds, 4), "img_per_s": round(images / seconds, 2),
+    return {"split": split, "images": images, "seconds": seconds, "img_per_s": images / seconds,
             "workers": recipe.workers}
 
 
