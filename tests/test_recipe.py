@@ -111,7 +111,7 @@ def test_shipped_recipe_switches_resolution_with_one_key(path):
     for split, spec in (raw.get("transforms") or {}).items():
         for entry in spec or []:
             name, args = next(iter(entry.items())) if isinstance(entry, dict) else (entry, {})
-            written = set(args or {}) & set(SIZE_ARGUMENTS.get(name, {}))
+            written = set(args or {}) & set(SIZE_ARGUMENTS.get(name, ()))
             assert not written, f"{path.name} transforms.{split}: {name} repeats the size ({', '.join(written)})"
     for size in (64, 224, 448):
         recipe = load_recipe(path, [f"input_size={size}"])

@@ -184,31 +184,35 @@ def validate_pipeline(spec: list, where: str, input_size: int = 224, crop_pct: f
 
 # ---- sizes from input_size ----------------------------------------------------------------------------------------
 
-# The size arguments of each transform that can take its size from input_size; the value is S (input_size) or the
-# resize target R (S / crop_pct when a fixed-size crop follows the resize, else S).
-SIZE_ARGUMENTS: dict[str, dict[str, str]] = {
-    "RandomResizedCrop": {"size": "S"},
-    "CenterCrop": {"height": "S", "width": "S"},
-    "RandomCrop": {"height": "S", "width": "S"},
-    "PadIfNeeded": {"min_height": "S", "min_width": "S"},
-    "LongestMaxSize": {"max_size": "S"},
-    "Resize": {"height": "R", "width": "R"},
-    "SmallestMaxSize": {"max_size": "R"},
+# The size arguments each transform can take from input_size, when the recipe leaves them out.
+SIZE_ARGUMENTS: dict[str, tuple[str, ...]] = {
+    "RandomResizedCrop": ("size",),
+    "CenterCrop": ("height", "width"),
+    "RandomCrop": ("height", "width"),
+    "PadIfNeeded": ("min_height", "min_width"),
+    "LongestMaxSize": ("max_size",),
+    "Resize": ("height", "width"),
+    "SmallestMaxSize": ("max_size",),
 }
+RESIZES = {"Resize", "SmallestMaxSize"}  # input_size / crop_pct when a fixed-size crop follows, else input_size
 FIXED_CROPS = {"CenterCrop", "RandomCrop"}
 
 
 def _next_sized(spec: list, start: int = 0) -> str | None:
     """Name of the first size-taking transform in spec[start:] (looking inside OneOf and the like), if any."""
     for entry in spec[start:]:
-        if isinstance(entry, str) and entry in SIZE_ARGUMENTS:
-            return entry
-        if isinstance(entry, dict) and len(entry) == 1:
+        if isinstance(entry, str):
+            name, args = entry, {}
+        elif isinstance(entry, dict) and len(entry) == 1:
             ((name, args),) = entry.items()
-            children = args.get("transforms") if isinstance(args, dict) else None
-            found = _next_sized(children) if isinstance(children, list) else name if name in SIZE_ARGUMENTS else None
-            if found:
-                return found
+        else:
+            continue
+        if isinstance(args, dict) and isinstance(args.get("transforms"), list):
+            found = _next_sized(args["transforms"])
+        else:
+            found = name if name in SIZE_ARGUMENTS else None
+        if found:
+            return found
     return None
 
 
@@ -221,8 +225,6 @@ def fill_sizes(spec: list, input_size: int, crop_pct: float = CROP_FRACTION, whe
     """
     if not isinstance(spec, list):
         return spec  # build_pipeline_list names the problem
-    size = input_size
-    resize_target = round(input_size / crop_pct)
     filled = []
     for i, entry in enumerate(spec):
         try:
@@ -232,15 +234,13 @@ def fill_sizes(spec: list, input_size: int, crop_pct: float = CROP_FRACTION, whe
             continue
         if isinstance(args.get("transforms"), list):
             args["transforms"] = fill_sizes(args["transforms"], input_size, crop_pct, f"{where}[{i}].transforms")
-        wanted = SIZE_ARGUMENTS.get(name, {})
-        if name == "SmallestMaxSize" and "max_size_hw" in args:
-            wanted = {}
-        target = resize_target if _next_sized(spec, i + 1) in FIXED_CROPS else size
-        for argument, kind in wanted.items():
-            if argument not in args:
-                value = size if kind == "S" else target
-                args[argument] = [value, value] if argument == "size" else value
-        filled.append({name: args} if args or not isinstance(entry, str) else entry)
+        value = input_size
+        if name in RESIZES and _next_sized(spec, i + 1) in FIXED_CROPS:
+            value = round(input_size / crop_pct)
+        missing = [] if "max_size_hw" in args else [a for a in SIZE_ARGUMENTS.get(name, ()) if a not in args]
+        for argument in missing:
+            args[argument] = [value, value] if argument == "size" else value
+        filled.append(entry if isinstance(entry, str) and not missing else {name: args})
     return filled
 
 
