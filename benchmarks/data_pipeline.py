@@ -1,6 +1,19 @@
 """Decode + augment throughput on one worker: our albumentations pipeline vs the same with torchvision.transforms.v2.
 
-    python benchmarks/data_pipeline.py [--images 48] [--repeats 5]
+    python benchmarks/data_pipeline.py [--photos small|phone|both] [--images 48] [--phone-images 12] [--repeats 5]
+
+Phone photos (--photos phone): 12 MP JPEGs (4032x3024, ~3 MB, made from scikit-learn's sample photos upscaled, with
+noise), in an ImageFolder layout. Timed, interleaved, on one thread in this process (what one loader worker does),
+in CPU seconds of this process, batches of 16 through a DataLoader:
+  ours        ImageDataset + build_transforms (the defaults for a folder dataset): JPEGs decoded at the smallest DCT
+              scale the pipeline allows, uint8 batches
+  ours-full   the same with every image decoded at full size (the loader before reduced decoding)
+  ours+cache  ours with data.decode_cache: "cache 1st" is the pass that decodes and fills it (timed before the
+              others), "cache 2nd+" the later passes (epochs) that read the decoded pixels back
+  tv2         torchvision's ImageFolder (PIL decoding) + the equivalent transforms.v2 pipeline, float batches
+for training (RandomResizedCrop, scale 0.25-1, + flip) and evaluation (resize + centre crop at 224, squish at 448).
+
+Small photos (--photos small):
 
 Generates JPEG photos of realistic size (500x375, smooth colour fields plus texture, quality 90) in a temporary
 folder, then times, interleaved in one run and on one thread (as one DataLoader worker has):
@@ -27,9 +40,13 @@ import numpy as np
 import torch
 import torchvision
 from PIL import Image, ImageOps
+from torch.utils.data import DataLoader
+from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
 
-from tresfinetune.datasets import build_transforms, load_image
+from tresfinetune.datasets import SINGLE_LABEL, ImageDataset, Sample, build_transforms, load_image
+from tresfinetune.datasets.images import DecodedImageCache, list_images
+from tresfinetune.datasets.loaders import collate_skipping_bad
 from tresfinetune.datasets.transforms import CROP_FRACTION, DEFAULT_CROP_SCALE, SQUISH_FROM_SIZE, to_model_input
 from tresfinetune.recipe import recipe_from_dict
 
@@ -102,17 +119,106 @@ def images_per_second(run: Callable[[Path], torch.Tensor], paths: list[Path], co
     return len(paths) / (time.perf_counter() - start)
 
 
+PHONE_SIZE = (3024, 4032)  # a 12 MP phone photo, landscape
+
+
+def make_phone_photos(folder: Path, count: int) -> list[Path]:
+    """12 MP JPEGs in an ImageFolder layout (folder/photos/photo/*.jpg): real photos upscaled, with noise so that the
+    file holds phone-like detail (~3 MB at quality 92)."""
+    from sklearn.datasets import load_sample_image
+
+    rng = np.random.default_rng(0)
+    sources = [load_sample_image(name) for name in ("china.jpg", "flower.jpg")]
+    (folder / "photos" / "photo").mkdir(parents=True)
+    paths = []
+    for i in range(count):
+        source = sources[i % len(sources)]
+        top, left = rng.integers(0, 40), rng.integers(0, 60)  # a different framing of the same scene each time
+        crop = source[top:top + 380, left:left + 507]
+        upscaled = cv2.resize(crop, PHONE_SIZE[::-1], interpolation=cv2.INTER_CUBIC).astype(np.int16)
+        pixels = np.clip(upscaled + rng.normal(0, 6, upscaled.shape), 0, 255).astype(np.uint8)
+        path = folder / "photos" / "photo" / f"photo_{i:03d}.jpg"
+        Image.fromarray(pixels).save(path, quality=92)
+        paths.append(path)
+    return paths
+
+
+def phone_loaders(root: Path, size: int, train: bool, batch: int, cache: Path) -> dict[str, DataLoader]:
+    recipe = recipe_from_dict({"model": {"name": "tresnet_m"}, "input_size": size, "data": {"name": "folder"}})
+    pipeline = build_transforms(recipe, train=train)
+    samples = [Sample(str(path), 0) for path in list_images(root)]
+    full = build_transforms(recipe, train=train)
+    full.decode_fits = None  # decode every image at full size, as before reduced decoding
+    common = {"batch_size": batch, "num_workers": 0}
+    return {
+        "ours": DataLoader(ImageDataset(samples, pipeline, SINGLE_LABEL), collate_fn=collate_skipping_bad, **common),
+        "ours+cache": DataLoader(ImageDataset(samples, pipeline, SINGLE_LABEL, cache=DecodedImageCache(cache)),
+                                 collate_fn=collate_skipping_bad, **common),
+        "ours-full": DataLoader(ImageDataset(samples, full, SINGLE_LABEL), collate_fn=collate_skipping_bad, **common),
+        "tv2": DataLoader(ImageFolder(str(root), transform=tv2_transform(size, train)), **common),
+    }
+
+
+def loader_images_per_second(loader: DataLoader) -> float:
+    """Images per second of this process's CPU time (everything runs on one thread here, so on an idle machine it
+    equals wall time; on a shared one it leaves out the time other jobs hold the core)."""
+    start = time.process_time()
+    images = sum(len(batch[0]) for batch in loader)
+    return images / (time.process_time() - start)
+
+
+def phone_benchmark(count: int, repeats: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = make_phone_photos(Path(tmp), count)
+        start = time.perf_counter()
+        cv2.imread(str(paths[0]), cv2.IMREAD_COLOR_RGB)
+        full_ms = (time.perf_counter() - start) * 1000
+        print(f"{count} JPEGs of {PHONE_SIZE[1]}x{PHONE_SIZE[0]} (quality 92, ~{paths[0].stat().st_size // 1024} KiB, "
+              f"full OpenCV decode ~{full_ms:.0f} ms), one thread, batches of 16, median of {repeats} interleaved "
+              f"passes; torch {torch.__version__}, OpenCV {cv2.__version__}")
+        header = (f"{'size':>4} {'mode':<5} {'ours':>6} {'ours-full':>9} {'tv2':>6}   {'ours/tv2':>8} "
+                  f"{'ours-full/tv2':>13} {'ours/ours-full':>14}   {'cache 1st':>9} {'cache 2nd+':>10} "
+                  f"{'2nd+/tv2':>8}")
+        print(header)
+        print("-" * len(header))
+        for size in (224, 448):
+            for train in (True, False):
+                cache = Path(tmp) / f"cache-{size}-{train}"
+                loaders = phone_loaders(Path(tmp) / "photos", size, train, batch=16, cache=cache)
+                first_epoch = loader_images_per_second(loaders["ours+cache"])  # decodes and fills the cache
+                for loader in loaders.values():  # warm-up: lazy imports, the files in the page cache
+                    next(iter(loader))
+                rates: dict[str, list[float]] = {name: [] for name in loaders}
+                for _ in range(repeats):
+                    for name, loader in loaders.items():
+                        rates[name].append(loader_images_per_second(loader))
+                med = {name: statistics.median(r) for name, r in rates.items()}
+                print(f"{size:>4} {'train' if train else 'eval':<5} {med['ours']:>6.1f} {med['ours-full']:>9.1f} "
+                      f"{med['tv2']:>6.1f}   {med['ours'] / med['tv2']:>7.2f}x {med['ours-full'] / med['tv2']:>12.2f}x "
+                      f"{med['ours'] / med['ours-full']:>13.2f}x   {first_epoch:>9.1f} {med['ours+cache']:>10.1f} "
+                      f"{med['ours+cache'] / med['tv2']:>7.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=48)
+    parser.add_argument("--photos", choices=["small", "phone", "both"], default="both")
+    parser.add_argument("--images", type=int, default=48, help="small photos")
+    parser.add_argument("--phone-images", type=int, default=12, help="12 MP photos")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
+    if args.photos in ("phone", "both"):
+        phone_benchmark(args.phone_images, args.repeats)
+    if args.photos in ("small", "both"):
+        small_benchmark(args.images, args.repeats)
+
+
+def small_benchmark(count: int, repeats: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        paths = make_photos(Path(tmp), args.images)
+        paths = make_photos(Path(tmp), count)
         print(f"{len(paths)} JPEGs of 500x375 (quality 90, ~{paths[0].stat().st_size // 1024} KiB), one thread, "
-              f"median of {args.repeats} interleaved passes; torch {torch.__version__}, OpenCV {cv2.__version__}")
+              f"median of {repeats} interleaved passes; torch {torch.__version__}, OpenCV {cv2.__version__}")
         header = (f"{'size':>4} {'mode':<5} {'ours':>6} {'ours+float':>10} {'tv2':>6} {'tv2-io':>6}   "
                   f"{'ours/tv2':>8} {'ours+float/tv2':>14} {'ours/tv2-io':>11}")
         print(header)
@@ -124,7 +230,7 @@ def main() -> None:
                 for run, _ in runners.values():  # warm-up: caches, lazy imports, the files in the page cache
                     run(paths[0])
                 rates: dict[str, list[float]] = {name: [] for name in runners}
-                for _ in range(args.repeats):
+                for _ in range(repeats):
                     for name, (run, convert) in runners.items():
                         rates[name].append(images_per_second(run, paths, convert))
                 med = {name: statistics.median(r) for name, r in rates.items()}

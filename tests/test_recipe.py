@@ -1,6 +1,8 @@
 from pathlib import Path
 
+import numpy as np
 import pytest
+import yaml
 from click.testing import CliRunner
 
 from tresfinetune.cli import cli
@@ -100,3 +102,20 @@ def test_cli_reports_recipe_problems_without_traceback(tmp_path):
     result = runner.invoke(cli, ["train"])
     assert result.exit_code == 1
     assert "give a recipe" in result.output
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_shipped_recipe_switches_resolution_with_one_key(path):
+    from tresfinetune.datasets.transforms import SIZE_ARGUMENTS, build_transforms
+
+    raw = yaml.safe_load(path.read_text())
+    for split, spec in (raw.get("transforms") or {}).items():
+        for entry in spec or []:
+            name, args = next(iter(entry.items())) if isinstance(entry, dict) else (entry, {})
+            written = set(args or {}) & set(SIZE_ARGUMENTS.get(name, ()))
+            assert not written, f"{path.name} transforms.{split}: {name} repeats the size ({', '.join(written)})"
+    for size in (64, 224, 448):
+        recipe = load_recipe(path, [f"input_size={size}"])
+        for train in (True, False):
+            out = build_transforms(recipe, train=train)(np.zeros((300, 400, 3), np.uint8))
+            assert tuple(out.shape) == (size, size, 3)

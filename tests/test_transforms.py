@@ -12,6 +12,7 @@ from tresfinetune.datasets.transforms import (
     RandAugment,
     build_transforms,
     default_spec,
+    fill_sizes,
     to_model_input,
     validate_pipeline,
 )
@@ -64,8 +65,9 @@ def test_default_eval_at_224_resizes_shorter_side_then_centre_crops():
 
 
 def test_default_eval_at_448_squishes_and_multilabel_always_squishes():
-    assert default_spec(448, train=False) == [{"Resize": {"height": 448, "width": 448}}]
-    assert default_spec(224, train=False, multi_label=True) == [{"Resize": {"height": 224, "width": 224}}]
+    assert fill_sizes(default_spec(448, train=False), 448) == [{"Resize": {"height": 448, "width": 448}}]
+    assert fill_sizes(default_spec(224, train=False, multi_label=True), 224) == [
+        {"Resize": {"height": 224, "width": 224}}]
     pipeline = build_transforms(recipe(input_size=64, data={"name": "voc2007"}), train=False)
     image = photo(30, 90)
     expected = cv2.resize(image, (64, 64), interpolation=cv2.INTER_LINEAR)
@@ -73,7 +75,7 @@ def test_default_eval_at_448_squishes_and_multilabel_always_squishes():
 
 
 def test_default_train_pipelines():
-    single = default_spec(224, train=True)
+    single = fill_sizes(default_spec(224, train=True), 224)
     assert single[0]["RandomResizedCrop"]["size"] == [224, 224] and {"HorizontalFlip": {"p": 0.5}} in single
     assert "Cutout" in str(default_spec(448, train=True, multi_label=True))
     digits = build_transforms(recipe(input_size=32, data={"name": "digits"}), train=True)
@@ -149,3 +151,45 @@ def test_randaugment_policy_runs_at_every_magnitude():
             assert changed > 0
     with pytest.raises(ValueError, match="magnitude"):
         RandAugment(magnitude=11)
+
+
+def test_sizes_left_out_come_from_input_size():
+    spec = [{"RandomResizedCrop": {"scale": [0.3, 1.0]}}, "HorizontalFlip", {"Cutout": {"p": 0.5}}]
+    assert fill_sizes(spec, 64) == [{"RandomResizedCrop": {"scale": [0.3, 1.0], "size": [64, 64]}},
+                                    "HorizontalFlip", {"Cutout": {"p": 0.5}}]
+    # a resize before a fixed-size crop keeps the crop_pct margin; alone or before a random resized crop it squishes
+    assert fill_sizes([{"SmallestMaxSize": {}}, "HorizontalFlip", {"CenterCrop": {}}], 224) == [
+        {"SmallestMaxSize": {"max_size": 256}}, "HorizontalFlip", {"CenterCrop": {"height": 224, "width": 224}}]
+    assert fill_sizes([{"Resize": {}}, {"CenterCrop": {}}], 448, crop_pct=0.8) == [
+        {"Resize": {"height": 560, "width": 560}}, {"CenterCrop": {"height": 448, "width": 448}}]
+    assert fill_sizes(["Resize", {"RandomResizedCrop": {}}], 64) == [
+        {"Resize": {"height": 64, "width": 64}}, {"RandomResizedCrop": {"size": [64, 64]}}]
+    # written sizes win, argument by argument; nested lists are filled too; the input is not modified
+    written = [{"Resize": {"height": 100}}, {"OneOf": {"transforms": [{"RandomCrop": {}}, {"CenterCrop": {}}]}}]
+    assert fill_sizes(written, 64) == [
+        {"Resize": {"height": 100, "width": 73}},
+        {"OneOf": {"transforms": [{"RandomCrop": {"height": 64, "width": 64}},
+                                  {"CenterCrop": {"height": 64, "width": 64}}]}}]
+    assert written[0] == {"Resize": {"height": 100}} and written[1]["OneOf"]["transforms"][0] == {"RandomCrop": {}}
+
+
+def test_eval_resize_follows_crop_pct_from_the_recipe():
+    pipeline = build_transforms(recipe(input_size=64, transforms={
+        "crop_pct": 0.8, "val": [{"SmallestMaxSize": {}}, {"CenterCrop": {}}]}), train=False)
+    image = photo(100, 150)
+    expected = cv2.resize(image, (120, 80), interpolation=cv2.INTER_LINEAR)[8:72, 28:92]  # 80 = 64 / 0.8
+    assert torch.equal(pipeline(image), torch.from_numpy(expected))
+    squish = build_transforms(recipe(input_size=64, transforms={"val": [{"Resize": {}}]}), train=False)
+    assert torch.equal(squish(image), torch.from_numpy(cv2.resize(image, (64, 64), interpolation=cv2.INTER_LINEAR)))
+    with pytest.raises(UserError, match=r"'transforms.crop_pct' must be in \(0, 1\]"):
+        recipe(transforms={"crop_pct": 1.5})
+
+
+def test_written_sizes_that_miss_input_size_still_fail_clearly():
+    with pytest.raises(UserError, match=r"transforms.val makes 32x32 images but input_size is 64"):
+        build_transforms(recipe(input_size=64, transforms={"val": [{"Resize": {"height": 32, "width": 32}}]}),
+                         train=False)
+    with pytest.raises(UserError, match=r"transforms.train makes 48x48 images but input_size is 64"):
+        build_transforms(recipe(input_size=64, transforms={"train": [{"Resize": {}}, {"CenterCrop": {"height": 48,
+                                                                                                  "width": 48}}]}),
+                         train=True)

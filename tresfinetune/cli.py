@@ -156,6 +156,29 @@ def data_check(recipe: str, overrides: tuple[str, ...], json_path: str | None, p
         console.print(f"preview written to {write_preview(loaded, preview, source)}", highlight=False)
 
 
+@data.command("speed")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@set_option
+@click.option("--split", type=click.Choice(["train", "val"]), default="train", show_default=True,
+              help="Which loader to time.")
+@click.option("--batches", default=20, show_default=True, help="Batches to time (after one untimed warm-up batch).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the numbers as JSON here.")
+@user_errors
+def data_speed(recipe: str, overrides: tuple[str, ...], split: str, batches: int, json_path: str | None) -> None:
+    """Images per second RECIPE's loader delivers with its workers, without a model: does the data keep up?"""
+    import json
+
+    from tresfinetune.datasets.speed import loader_speed, speed_table
+    from tresfinetune.recipe import load_recipe
+
+    result = loader_speed(load_recipe(recipe, overrides), split, batches)
+    console.print(speed_table(result))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=2)
+        console.print(f"numbers written to {json_path}", highlight=False)
+
+
 @cli.command()
 @click.argument("checkpoint", type=click.Path())
 @set_option

@@ -112,7 +112,7 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | str]:
         try:
-            return index, self.transform(load_image(self.paths[index]))
+            return index, self.transform(load_image(self.paths[index], getattr(self.transform, "decode_fits", None)))
         except UnreadableImage as e:
             return index, e.reason
 

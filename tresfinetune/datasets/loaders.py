@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
-from tresfinetune.datasets.images import UnreadableImage, load_image
+from tresfinetune.datasets.images import DecodedImageCache, UnreadableImage, load_image
 from tresfinetune.datasets.source import MULTI_LABEL, DataSource, Sample
 from tresfinetune.errors import UserError
 
@@ -45,11 +45,13 @@ class ImageDataset(Dataset):
     seeded per sample and epoch.
     """
 
-    def __init__(self, samples: Sequence[Sample], transform: Callable, task: str, seed: int = 0):
+    def __init__(self, samples: Sequence[Sample], transform: Callable, task: str, seed: int = 0,
+                 cache: DecodedImageCache | None = None):
         self.samples = samples
         self.transform = transform
         self.multi_label = task == MULTI_LABEL
         self.seed = seed
+        self.cache = cache
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -57,7 +59,10 @@ class ImageDataset(Dataset):
     def load(self, index: int) -> np.ndarray:
         """The sample's RGB uint8 pixels, before augmentation; UnreadableImage for a broken file."""
         image = self.samples[index].image
-        return load_image(image) if isinstance(image, str) else image
+        if not isinstance(image, str):
+            return image
+        fits = getattr(self.transform, "decode_fits", None)  # decode JPEGs no larger than the pipeline needs
+        return self.cache.load(image, fits) if self.cache else load_image(image, fits)
 
     def target(self, index: int) -> torch.Tensor:
         target = self.samples[index].target
@@ -187,8 +192,15 @@ def build_loaders(recipe: Recipe, source: DataSource | None = None, rank: int = 
     if not val_samples:
         raise UserError(f"the '{recipe.data.val_split}' split of {source.name or recipe.data.name} has no images; set "
                         "data.val_split to another split")
-    train_set = ImageDataset(train_samples, build_transforms(recipe, train=True), source.task, recipe.seed)
-    val_set = ImageDataset(val_samples, build_transforms(recipe, train=False), source.task, recipe.seed)
+    cache = None
+    if recipe.data.decode_cache:
+        cache = DecodedImageCache(recipe.data.decode_cache)
+        try:
+            cache.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create the data.decode_cache folder '{cache.folder}': {e.strerror or e}") from None
+    train_set = ImageDataset(train_samples, build_transforms(recipe, train=True), source.task, recipe.seed, cache)
+    val_set = ImageDataset(val_samples, build_transforms(recipe, train=False), source.task, recipe.seed, cache)
 
     bad_images = BadImageLog(recipe.data.on_bad_image)
     workers = recipe.workers

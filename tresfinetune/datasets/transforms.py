@@ -1,10 +1,11 @@
 """Augmentation pipelines built from recipes, with albumentations.
 
-A recipe lists transforms by albumentations class name: `- RandomResizedCrop: {size: [224, 224], scale: [0.25, 1]}`,
-or just `- HorizontalFlip` for the defaults. Compositions nest: `- OneOf: {transforms: [...], p: 0.5}`. Two extras are
-available by name: `Cutout` (ASL's half-size box of one random colour) and `RandAugment` (N ops from a fixed list of
-albumentations ops, each at up to magnitude M). Every pipeline ends by converting to a float CHW tensor in [0, 1],
-then (x - mean) / std with data.mean / data.std (TResNet's weights want neither, so both default to 0 / 1).
+A recipe lists transforms by albumentations class name: `- RandomResizedCrop: {scale: [0.25, 1]}`, or just
+`- HorizontalFlip` for the defaults. Size arguments left out are filled from input_size (see `fill_sizes`), so one
+key switches the resolution; sizes written out win. Compositions nest: `- OneOf: {transforms: [...], p: 0.5}`.
+Two extras are available by name: `Cutout` (ASL's half-size box of one random colour) and `RandAugment` (N ops from a
+fixed list of albumentations ops, each at up to magnitude M). Every pipeline ends by converting to a float CHW tensor
+in [0, 1], then (x - mean) / std with data.mean / data.std (TResNet's weights want neither, so both default to 0 / 1).
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
+import math
 import random
 import re
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import albumentations as A
@@ -23,14 +26,15 @@ import numpy as np
 import torch
 
 from tresfinetune.errors import UserError
+from tresfinetune.recipe import TransformsConfig
 
 if TYPE_CHECKING:
     from tresfinetune.recipe import Recipe
 
-# Single-label evaluation below this size resizes the shorter side to size / CROP_FRACTION and centre-crops (the
+# Single-label evaluation below this size resizes the shorter side to size / crop_pct and centre-crops (the
 # ImageNet 224 protocol); at this size and above the authors squish-resize the whole image (their 448 protocol).
 SQUISH_FROM_SIZE = 320
-CROP_FRACTION = 0.875
+CROP_FRACTION = TransformsConfig.crop_pct  # the recipe's default
 # Smallest crop area for the default RandomResizedCrop; ImageNet's 0.08 is harsh for small, low-resolution sets.
 DEFAULT_CROP_SCALE = (0.25, 1.0)
 
@@ -172,9 +176,73 @@ def build_pipeline_list(spec: list, where: str) -> list:
     return [_build_one(entry, f"{where}[{i}]") for i, entry in enumerate(spec)]
 
 
-def validate_pipeline(spec: list, where: str) -> None:
-    """Check a recipe's transform list by constructing it (cheap); UserError naming the bad entry."""
-    build_pipeline_list(spec, where)
+def validate_pipeline(spec: list, where: str, input_size: int = 224, crop_pct: float = CROP_FRACTION) -> None:
+    """Check a recipe's transform list (its sizes filled) by constructing it; UserError naming the bad entry."""
+    if not isinstance(spec, list):
+        raise UserError(f"{where} must be a list of transforms, got {spec!r}")
+    build_pipeline_list(fill_sizes(spec, input_size, crop_pct, where), where)
+
+
+# ---- sizes from input_size ----------------------------------------------------------------------------------------
+
+# The size arguments each transform can take from input_size, when the recipe leaves them out.
+SIZE_ARGUMENTS: dict[str, tuple[str, ...]] = {
+    "RandomResizedCrop": ("size",),
+    "CenterCrop": ("height", "width"),
+    "RandomCrop": ("height", "width"),
+    "PadIfNeeded": ("min_height", "min_width"),
+    "LongestMaxSize": ("max_size",),
+    "Resize": ("height", "width"),
+    "SmallestMaxSize": ("max_size",),
+}
+RESIZES = {"Resize", "SmallestMaxSize"}  # input_size / crop_pct when a fixed-size crop follows, else input_size
+FIXED_CROPS = {"CenterCrop", "RandomCrop"}
+
+
+def _next_sized(spec: list, start: int = 0) -> str | None:
+    """Name of the first size-taking transform in spec[start:] (looking inside OneOf and the like), if any."""
+    for entry in spec[start:]:
+        if isinstance(entry, str):
+            name, args = entry, {}
+        elif isinstance(entry, dict) and len(entry) == 1:
+            ((name, args),) = entry.items()
+        else:
+            continue
+        if isinstance(args, dict) and isinstance(args.get("transforms"), list):
+            found = _next_sized(args["transforms"])
+        else:
+            found = name if name in SIZE_ARGUMENTS else None
+        if found:
+            return found
+    return None
+
+
+def fill_sizes(spec: list, input_size: int, crop_pct: float = CROP_FRACTION, where: str = "transforms") -> list:
+    """A copy of a recipe transform list with the size arguments it leaves out filled from input_size.
+
+    Crops and pads get input_size. A resize gets input_size, or round(input_size / crop_pct) when the next sized
+    step is a CenterCrop / RandomCrop (`SmallestMaxSize: {}, CenterCrop: {}` is the ImageNet evaluation protocol,
+    `Resize: {}` alone a squish). Arguments written out are kept; nested lists (OneOf, ...) are filled the same way.
+    """
+    if not isinstance(spec, list):
+        return spec  # build_pipeline_list names the problem
+    filled = []
+    for i, entry in enumerate(spec):
+        try:
+            name, args = _parse_entry(entry, f"{where}[{i}]")
+        except UserError:
+            filled.append(entry)  # reported by build_pipeline_list, with the rest of the checks
+            continue
+        if isinstance(args.get("transforms"), list):
+            args["transforms"] = fill_sizes(args["transforms"], input_size, crop_pct, f"{where}[{i}].transforms")
+        value = input_size
+        if name in RESIZES and _next_sized(spec, i + 1) in FIXED_CROPS:
+            value = round(input_size / crop_pct)
+        missing = [] if "max_size_hw" in args else [a for a in SIZE_ARGUMENTS.get(name, ()) if a not in args]
+        for argument in missing:
+            args[argument] = [value, value] if argument == "size" else value
+        filled.append(entry if isinstance(entry, str) and not missing else {name: args})
+    return filled
 
 
 # ---- defaults -----------------------------------------------------------------------------------------------------
@@ -182,16 +250,69 @@ def validate_pipeline(spec: list, where: str) -> None:
 
 def default_spec(input_size: int, train: bool, multi_label: bool = False, hflip: bool = True,
                  crop_scale: tuple[float, float] | None = None) -> list:
-    """The recipe-format transform list used when the recipe gives none."""
-    s = input_size
+    """The recipe-format transform list used when the recipe gives none (sizes left to `fill_sizes`)."""
     if not train:
-        if multi_label or s >= SQUISH_FROM_SIZE:
-            return [{"Resize": {"height": s, "width": s}}]
-        return [{"SmallestMaxSize": {"max_size": round(s / CROP_FRACTION)}}, {"CenterCrop": {"height": s, "width": s}}]
+        if multi_label or input_size >= SQUISH_FROM_SIZE:
+            return [{"Resize": {}}]
+        return [{"SmallestMaxSize": {}}, {"CenterCrop": {}}]
     flip = [{"HorizontalFlip": {"p": 0.5}}] if hflip else []
     if multi_label:  # ASL: whole image squished, so no labelled object is cropped away
-        return [{"Resize": {"height": s, "width": s}}, *flip, {"Cutout": {"p": 0.5}}]
-    return [{"RandomResizedCrop": {"size": [s, s], "scale": list(crop_scale or DEFAULT_CROP_SCALE)}}, *flip]
+        return [{"Resize": {}}, *flip, {"Cutout": {"p": 0.5}}]
+    return [{"RandomResizedCrop": {"scale": list(crop_scale or DEFAULT_CROP_SCALE)}}, *flip]
+
+
+# ---- how small an image the pipeline can start from -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShorterSideAtLeast:
+    """A decoded image fits a first step that resizes to `side` (squish or shorter side) if it is no smaller."""
+
+    side: int
+
+    def __call__(self, width: int, height: int) -> bool:
+        return min(width, height) >= self.side
+
+
+@dataclass(frozen=True)
+class CropsAtLeast:
+    """A decoded image fits a first RandomResizedCrop to `side` if every crop it can draw is at least that large.
+
+    Mirrors albumentations' draw: accepted crops have an area of at least scale_min * W * H and an aspect ratio in
+    `ratio`, so both sides are at least sqrt(scale_min * W * H * min(ratio_min, 1 / ratio_max)); after ten failed
+    draws it falls back to the central crop of the clamped ratio.
+    """
+
+    side: int
+    scale_min: float
+    ratio: tuple[float, float]
+
+    def __call__(self, width: int, height: int) -> bool:
+        low, high = self.ratio
+        smallest_drawn = math.sqrt(self.scale_min * width * height * min(low, 1 / high))
+        if width / height < low:
+            fallback = min(width, round(width / low))
+        elif width / height > high:
+            fallback = min(height, round(height * high))
+        else:
+            fallback = min(width, height)
+        return min(smallest_drawn, fallback) >= self.side
+
+
+def decode_requirement(transforms: list) -> Callable[[int, int], bool] | None:
+    """What a decoded image must satisfy so that the pipeline never enlarges the pixels it keeps, when its first
+    step resizes (Resize, SmallestMaxSize, RandomResizedCrop, always applied); None: the full image is needed."""
+    first = transforms[0] if transforms else None
+    if first is None or getattr(first, "p", 1) < 1:
+        return None
+    if isinstance(first, A.RandomResizedCrop):
+        return CropsAtLeast(max(first.size), first.scale[0], tuple(first.ratio))
+    if isinstance(first, A.Resize):
+        return ShorterSideAtLeast(max(first.height, first.width))
+    if isinstance(first, A.SmallestMaxSize) and first.max_size is not None:
+        sizes = first.max_size if isinstance(first.max_size, (list, tuple)) else [first.max_size]
+        return ShorterSideAtLeast(max(sizes))
+    return None
 
 
 # ---- the callable pipeline ----------------------------------------------------------------------------------------
@@ -208,6 +329,8 @@ class Pipeline:
 
     def __init__(self, transforms: list):
         self.compose = A.Compose(transforms)
+        # Passed to load_image: JPEGs are decoded at the smallest DCT scale that still satisfies it.
+        self.decode_fits = decode_requirement(transforms)
 
     def reseed(self, *keys: int) -> None:
         """Make the random draws of the next calls a function of `keys` only (e.g. seed, epoch, sample index)."""
@@ -229,15 +352,15 @@ class Pipeline:
 
 
 def transform_spec(recipe: Recipe, train: bool) -> list:
-    """The recipe's transform list for train / val, or the default for its input size and dataset."""
+    """The recipe's transform list for train / val (or the default for its dataset), sizes filled from input_size."""
     from tresfinetune.datasets.source import MULTI_LABEL, source_info
 
     spec = recipe.transforms.train if train else recipe.transforms.val
-    if spec is not None:
-        return spec
-    info = source_info(recipe.data.name)
-    return default_spec(recipe.input_size, train, multi_label=info.task == MULTI_LABEL, hflip=info.hflip,
-                        crop_scale=info.crop_scale)
+    if spec is None:
+        info = source_info(recipe.data.name)
+        spec = default_spec(recipe.input_size, train, multi_label=info.task == MULTI_LABEL, hflip=info.hflip,
+                            crop_scale=info.crop_scale)
+    return fill_sizes(spec, recipe.input_size, recipe.transforms.crop_pct, f"transforms.{'train' if train else 'val'}")
 
 
 def build_transforms(recipe: Recipe, train: bool) -> Pipeline:
