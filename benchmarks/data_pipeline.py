@@ -48,7 +48,7 @@ from tresfinetune.datasets import SINGLE_LABEL, ImageDataset, Sample, build_tran
 from tresfinetune.datasets.images import DecodedImageCache, list_images
 from tresfinetune.datasets.loaders import collate_skipping_bad
 from tresfinetune.datasets.transforms import CROP_FRACTION, DEFAULT_CROP_SCALE, SQUISH_FROM_SIZE, to_model_input
-from tresfinetune.recipe import recipe_from_dict
+from tresfinetune.recipes import recipe_from_dict
 
 
 def make_photos(folder: Path, count: int, size: tuple[int, int] = (375, 500)) -> list[Path]:

@@ -21,7 +21,7 @@ from rich.table import Table
 from tresfinetune.datasets import build_loaders
 from tresfinetune.datasets.transforms import to_model_input
 from tresfinetune.models import create_model
-from tresfinetune.recipe import recipe_from_dict
+from tresfinetune.recipes import recipe_from_dict
 from tresfinetune.train import train
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tresfinetune.recipe import recipe_from_dict
+from tresfinetune.recipes import recipe_from_dict
 from tresfinetune.train import train
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}

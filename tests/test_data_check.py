@@ -12,7 +12,7 @@ from PIL import Image
 
 from tresfinetune.cli import cli
 from tresfinetune.datasets.check import check_data
-from tresfinetune.recipe import recipe_from_dict
+from tresfinetune.recipes import recipe_from_dict
 
 
 def write_dataset(root: Path) -> None:

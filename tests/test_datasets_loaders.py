@@ -15,7 +15,7 @@ from PIL import Image
 from tresfinetune.datasets import build_loaders
 from tresfinetune.datasets.loaders import ShardSampler, TrainSampler
 from tresfinetune.errors import UserError
-from tresfinetune.recipe import recipe_from_dict
+from tresfinetune.recipes import recipe_from_dict
 
 
 def recipe(**raw):
@@ -147,7 +147,7 @@ def test_workers_do_not_hang_after_the_main_process_ran_opencv():
     deadlock them (seen with RandAugment at 224 px). Run in a subprocess so a regression fails instead of hanging."""
     script = """
 from tresfinetune.datasets import build_loaders
-from tresfinetune.recipe import recipe_from_dict
+from tresfinetune.recipes import recipe_from_dict
 train = [{"RandomResizedCrop": {"size": [224, 224]}}, {"RandAugment": {"num_ops": 2, "magnitude": 9}}]
 recipe = recipe_from_dict({"input_size": 224, "data": {"name": "digits", "limit": 16}, "transforms": {"train": train},
                            "batch_size": 8, "workers": 2})

@@ -15,7 +15,7 @@ from tresfinetune.datasets import SINGLE_LABEL, ImageDataset, Sample, build_tran
 from tresfinetune.datasets.images import REDUCED_RGB_FLAGS, DecodedImageCache, jpeg_reduction, load_image
 from tresfinetune.errors import UserError
 from tresfinetune.predict import ImageFiles
-from tresfinetune.recipe import recipe_from_dict
+from tresfinetune.recipes import recipe_from_dict
 
 WIDTH, HEIGHT = 1200, 900
 

@@ -11,7 +11,7 @@ from PIL import Image
 from tresfinetune.cli import cli
 from tresfinetune.errors import UserError
 from tresfinetune.evaluate import evaluate
-from tresfinetune.models.from_checkpoint import load_checkpoint_model
+from tresfinetune.models.from_checkpoint import load_trained_model
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")  # see conftest.py
 
@@ -21,7 +21,7 @@ def history(run_dir: Path) -> list[dict]:
 
 
 def data_root(run_dir: Path) -> Path:
-    return Path(load_checkpoint_model(run_dir).recipe["data"]["root"])
+    return Path(load_trained_model(run_dir).info.recipe["data"]["root"])
 
 
 def best_value(run_dir: Path, metric: str) -> float:

@@ -10,7 +10,7 @@ from tresfinetune.cli import cli
 from tresfinetune.errors import UserError
 from tresfinetune.export import export_model, read_export_metadata, sample_inputs
 from tresfinetune.models import NormAct, create_model, fuse_for_inference
-from tresfinetune.models.from_checkpoint import load_checkpoint_model
+from tresfinetune.models.from_checkpoint import load_trained_model
 from tresfinetune.models.tresnet import AntiAliasDownsample
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")  # see conftest.py
@@ -69,8 +69,9 @@ def test_fusion_removes_every_norm_pass():
 
 
 def _reference(run_dir, batch: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
-    model = load_checkpoint_model(run_dir)
-    images = sample_inputs(model, batch, seed=5)
+    trained = load_trained_model(run_dir)
+    model = trained.model
+    images = sample_inputs(trained.info, batch, seed=5)
     with torch.no_grad():
         return images, model(images)
 

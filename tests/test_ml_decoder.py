@@ -246,7 +246,7 @@ def ml_decoder_run(tmp_path_factory):
     """A 1-epoch multi-label run with a small ML-Decoder head (1 group for 2 classes, embedding 16), resumed once."""
     from conftest import TINY_RUN, one_thread, write_colour_csv
 
-    from tresfinetune.recipe import recipe_from_dict
+    from tresfinetune.recipes import recipe_from_dict
     from tresfinetune.train import train
 
     base = tmp_path_factory.mktemp("ml_decoder")
@@ -264,7 +264,7 @@ def ml_decoder_run(tmp_path_factory):
 
 
 def test_training_run_checkpoint_round_trip(ml_decoder_run):
-    from tresfinetune.models.from_checkpoint import load_checkpoint_model
+    from tresfinetune.models.from_checkpoint import load_trained_model
 
     ckpt = torch.load(ml_decoder_run / "best.pt", weights_only=True)
     stored = ckpt["model"]
@@ -279,7 +279,7 @@ def test_training_run_checkpoint_round_trip(ml_decoder_run):
         frozen = key.endswith("query_embed.weight")
         assert torch.equal(first["model"][key], last["model"][key]) == frozen, key
 
-    model = load_checkpoint_model(ml_decoder_run)
+    model = load_trained_model(ml_decoder_run).model
     assert isinstance(model.head, MLDecoderHead) and model.head.groups == 1 and model.head.embedding == 16
     for key, value in model.state_dict().items():
         assert torch.equal(value, stored[key]), key
@@ -307,15 +307,16 @@ def test_evaluate_and_predict_with_the_head(ml_decoder_run, tmp_path):
 @pytest.mark.parametrize("suffix", [".onnx", ".ts"])
 def test_export_matches_pytorch(ml_decoder_run, tmp_path, suffix):
     from tresfinetune.export import export_model, sample_inputs
-    from tresfinetune.models.from_checkpoint import load_checkpoint_model
+    from tresfinetune.models.from_checkpoint import load_trained_model
 
     pytest.importorskip("onnxruntime")
     result = export_model(ml_decoder_run, tmp_path / f"model{suffix}")
     assert result.runtime == ("onnxruntime" if suffix == ".onnx" else "torch.jit")
     assert result.file_difference <= 1e-4 and result.fused_difference <= 1e-4
 
-    model = load_checkpoint_model(ml_decoder_run)
-    images = sample_inputs(model, 5, seed=3)  # another batch size than the traced one
+    trained = load_trained_model(ml_decoder_run)
+    model = trained.model
+    images = sample_inputs(trained.info, 5, seed=3)  # another batch size than the traced one
     with torch.no_grad():
         expected = model(images)
     if suffix == ".onnx":
@@ -330,7 +331,8 @@ def test_export_matches_pytorch(ml_decoder_run, tmp_path, suffix):
 
 
 def test_recipe_head_keys_are_validated():
-    from tresfinetune.recipe import model_head_arguments, recipe_from_dict
+    from tresfinetune.recipe import model_head_arguments
+    from tresfinetune.recipes import recipe_from_dict
 
     recipe = recipe_from_dict({"model": {"head": "ml_decoder", "head_options": {"groups": 20, "embedding": 256}}})
     assert model_head_arguments(recipe) == {"head": "ml_decoder", "head_groups": 20, "head_embedding": 256}
@@ -350,7 +352,7 @@ def test_recipe_head_keys_are_validated():
 def test_shipped_ml_decoder_recipes():
     from pathlib import Path
 
-    from tresfinetune.recipe import load_recipe
+    from tresfinetune.recipes import load_recipe
 
     recipes = Path(__file__).parent.parent / "recipes"
     coco = load_recipe(recipes / "coco_mldecoder.yaml")

@@ -24,7 +24,8 @@ from tresfinetune.metrics import (
     tune_thresholds,
 )
 from tresfinetune.partial_labels import read_prior, write_prior
-from tresfinetune.recipe import DataConfig, recipe_from_dict
+from tresfinetune.recipe import DataConfig
+from tresfinetune.recipes import recipe_from_dict
 
 
 def partial_batch(seed: int, n: int = 6, c: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
@@ -350,7 +351,7 @@ def test_selective_training_estimates_the_prior_and_resumes_with_it(tmp_path):
     prior = read_prior(tmp_path / "run" / "class_prior.csv", ["red", "blue"])
     assert ((prior > 0) & (prior < 1)).all()
     last = load_checkpoint(tmp_path / "run" / "last.pt")
-    assert np.allclose(last["label_prior"], prior, rtol=1e-5) and last["prior_estimate"] is None
+    assert np.allclose(last.state.label_prior, prior, rtol=1e-5) and last.state.prior_estimate is None
 
     result, _ = run_and_read_start_line(None, None, resume=tmp_path / "run", overrides=["epochs=2"])
     assert [row["epoch"] for row in result.history] == [1, 2] and np.isfinite(result.history[-1]["train_loss"])

@@ -1,4 +1,4 @@
-"""load_checkpoint_model and predict: the real model of a tiny trained run on real image files."""
+"""load_trained_model and predict: the real model of a tiny trained run on real image files."""
 
 import csv
 import json
@@ -13,14 +13,14 @@ from conftest import COLOURS, colour_image
 
 from tresfinetune.cli import cli
 from tresfinetune.errors import UserError
-from tresfinetune.models.from_checkpoint import load_checkpoint_model
+from tresfinetune.models.from_checkpoint import load_trained_model
 from tresfinetune.predict import predict, write_predictions
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")  # see conftest.py
 
 
 def data_root(run_dir: Path) -> Path:
-    return Path(load_checkpoint_model(run_dir).recipe["data"]["root"])
+    return Path(load_trained_model(run_dir).info.recipe["data"]["root"])
 
 
 def make_photo_folder(root: Path) -> dict[str, str]:
@@ -41,12 +41,13 @@ def make_photo_folder(root: Path) -> dict[str, str]:
 
 
 def test_run_folder_means_best_checkpoint_with_its_metadata(single_label_run):
-    model = load_checkpoint_model(single_label_run)
-    assert model.checkpoint_path == single_label_run / "best.pt"
+    trained = load_trained_model(single_label_run)
+    model, info = trained.model, trained.info
+    assert trained.path == single_label_run / "best.pt" and trained.architecture == "tresnet_m"
     assert not model.training and not any(p.requires_grad for p in model.parameters())
-    assert model.class_names == ["blue", "green", "red"] and model.task == "single-label"
-    assert model.input_size == 32 and model.mean == [0, 0, 0] and model.std == [1, 1, 1]
-    assert model.thresholds is None and model.recipe["data"]["name"] == "folder"
+    assert info.class_names == ["blue", "green", "red"] and info.task == "single-label"
+    assert info.input_size == 32 and info.mean == [0, 0, 0] and info.std == [1, 1, 1]
+    assert info.thresholds is None and info.recipe["data"]["name"] == "folder"
     stored = torch.load(single_label_run / "best.pt", weights_only=True)["model"]
     for key, value in model.state_dict().items():
         assert torch.equal(value, stored[key]), key
@@ -55,7 +56,7 @@ def test_run_folder_means_best_checkpoint_with_its_metadata(single_label_run):
 def test_last_checkpoint_predicts_with_its_ema_weights(single_label_run):
     ckpt = torch.load(single_label_run / "last.pt", weights_only=True)
     assert ckpt["inference"] == "ema"
-    model = load_checkpoint_model(single_label_run / "last.pt")
+    model = load_trained_model(single_label_run / "last.pt").model
     weight = model.state_dict()["body.conv1.0.weight"]
     assert torch.equal(weight, ckpt["ema"]["module.body.conv1.0.weight"])
     assert not torch.equal(weight, ckpt["model"]["body.conv1.0.weight"])
@@ -63,12 +64,12 @@ def test_last_checkpoint_predicts_with_its_ema_weights(single_label_run):
 
 def test_checkpoint_errors_are_one_sentence(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
-        load_checkpoint_model(tmp_path / "missing.pt")
+        load_trained_model(tmp_path / "missing.pt")
     with pytest.raises(UserError, match="holds no checkpoint"):
-        load_checkpoint_model(tmp_path)
+        load_trained_model(tmp_path)
     torch.save({"weight": torch.zeros(2)}, tmp_path / "plain.pt")
     with pytest.raises(UserError, match="not a tresfinetune checkpoint"):
-        load_checkpoint_model(tmp_path / "plain.pt")
+        load_trained_model(tmp_path / "plain.pt")
 
 
 def test_predict_walks_folders_skips_unreadable_files_and_names_the_right_class(single_label_run, tmp_path):

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 from tresfinetune.cli import cli
 from tresfinetune.errors import UserError
-from tresfinetune.recipe import load_recipe, recipe_from_dict
+from tresfinetune.recipes import load_recipe, recipe_from_dict
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 REQUIRED = ["flowers", "cars", "cifar10", "cifar100", "coco", "voc", "folder", "multilabel_csv", "digits",

@@ -19,7 +19,7 @@ from PIL import Image
 from tresfinetune.checkpoint import load_checkpoint
 from tresfinetune.cli import cli
 from tresfinetune.errors import UserError
-from tresfinetune.recipe import recipe_from_dict
+from tresfinetune.recipes import recipe_from_dict
 from tresfinetune.runtime import amp_dtype_for
 from tresfinetune.train import train
 
@@ -66,9 +66,11 @@ def test_single_label_run_writes_metrics_and_checkpoints(tmp_path):
     assert yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())["input_size"] == 32
 
     last = load_checkpoint(tmp_path / "run" / "last.pt")
-    assert last["epoch"] == 2 and last["class_names"] == [str(i) for i in range(10)]
-    assert last["task"] == "single-label" and last["input_size"] == 32 and last["ema"] is not None
-    assert {"optimizer", "scheduler", "scaler", "rng"} <= set(last)
+    assert last.state.epoch == 2 and last.info.class_names == [str(i) for i in range(10)]
+    assert last.info.task == "single-label" and last.info.input_size == 32 and last.ema is not None
+    assert last.optimization is not None and last.inference == "ema"
+    stored = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert {"epoch", "step", "optimizer", "scheduler", "scaler", "rng"} <= set(stored)  # format version 1's keys
     best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
     assert best["inference"] == "model" and "optimizer" not in best
     assert result.best_metric == max(max(r["val_top1"], r["ema_val_top1"]) for r in rows)
@@ -102,9 +104,9 @@ def test_multi_label_run_with_asl_reports_map_and_thresholds(tmp_path):
     result = train(recipe_from_dict(raw), output=tmp_path / "run", progress=False)
     assert all(0 <= row["val_map"] <= 100 for row in result.history)
     best = load_checkpoint(tmp_path / "run" / "best.pt")
-    assert best["task"] == "multi-label"
-    assert sorted(best["class_names"]) == ["blue", "red"]
-    assert len(best["thresholds"]) == 2
+    assert best.info.task == "multi-label"
+    assert sorted(best.info.class_names) == ["blue", "red"]
+    assert len(best.info.thresholds) == 2 and best.state is None
 
 
 def test_schedule_features_run_together(tmp_path):
@@ -203,12 +205,12 @@ def test_ctrl_c_saves_and_resumes(tmp_path):
     assert f"tresfinetune train --resume {tmp_path / 'run'}" in output
     assert "Traceback" not in output
     saved = load_checkpoint(tmp_path / "run" / "last.pt")
-    assert 1 <= saved["epoch"] < 30
+    assert 1 <= saved.state.epoch < 30
 
     result = CliRunner().invoke(cli, ["train", "--resume", str(tmp_path / "run"), "--set", "epochs=" +
-                                      str(saved["epoch"] + 1)])
+                                      str(saved.state.epoch + 1)])
     assert result.exit_code == 0, result.output
-    assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == saved["epoch"] + 1
+    assert load_checkpoint(tmp_path / "run" / "last.pt").state.epoch == saved.state.epoch + 1
 
 
 def test_resume_errors_are_clear(tmp_path):

@@ -17,7 +17,7 @@ from tresfinetune.datasets.transforms import (
     validate_pipeline,
 )
 from tresfinetune.errors import UserError
-from tresfinetune.recipe import recipe_from_dict
+from tresfinetune.recipes import recipe_from_dict
 
 
 def recipe(**raw):

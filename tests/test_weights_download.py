@@ -73,7 +73,7 @@ def test_falls_back_to_next_source_and_refuses_hash_mismatch(server, hub_cache, 
     # Hub file absent (404), so the GitHub release file is tried: its name carries sha256 prefix 940d0cd1.
     (folder / "tresnet_l_448-940d0cd1.pth").write_bytes(b"not the real file")
     monkeypatch.setenv("TRESFINETUNE_WEIGHTS_URL", base)
-    with pytest.raises(UserError, match="does not match its known sha256 prefix 940d0cd1"):
+    with pytest.raises(UserError, match=r"corrupt \(sha256 .*expected 940d0cd1\)"):
         download("tresnet_l.miil_in1k_448")
     assert requests == ["/tresnet_l.miil_in1k_448.safetensors", "/tresnet_l_448-940d0cd1.pth"]
     assert not hub_cache.exists() or not any(hub_cache.iterdir())  # the bad file was removed

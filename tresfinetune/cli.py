@@ -131,7 +131,7 @@ def data_check(recipe: str, overrides: tuple[str, ...], json_path: str | None, p
 
     from tresfinetune.datasets import build_source
     from tresfinetune.datasets.check import check_data, label_table, label_warnings, summary_table, write_preview
-    from tresfinetune.recipe import load_recipe
+    from tresfinetune.recipes import load_recipe
 
     loaded = load_recipe(recipe, overrides)
     source = build_source(loaded.data)
@@ -169,7 +169,7 @@ def data_speed(recipe: str, overrides: tuple[str, ...], split: str, batches: int
     import json
 
     from tresfinetune.datasets.speed import loader_speed, speed_table
-    from tresfinetune.recipe import load_recipe
+    from tresfinetune.recipes import load_recipe
 
     result = loader_speed(load_recipe(recipe, overrides), split, batches)
     console.print(speed_table(result))

@@ -18,16 +18,17 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.table import Table
-from torch import nn
 
 from tresfinetune.errors import UserError
-from tresfinetune.evaluation import SINGLE_LABEL, collect_scores
+from tresfinetune.evaluation import collect_scores
 from tresfinetune.metrics import (
     average_precision_per_class,
     mean_average_precision,
     multilabel_threshold_metrics,
     single_label_report,
 )
+from tresfinetune.models.from_checkpoint import TrainedModel
+from tresfinetune.tasks import SINGLE_LABEL
 
 FIXED_THRESHOLD = 0.5  # multi-label metrics are also given at this threshold, comparable across runs
 
@@ -39,19 +40,19 @@ class EvaluationResult:
     json_path: Path | None
 
 
-def _recipe_for(model: nn.Module, overrides: Iterable[str]):
-    from tresfinetune.recipe import recipe_from_dict
+def _recipe_for(trained: TrainedModel, overrides: Iterable[str]):
+    from tresfinetune.recipes import recipe_from_dict
 
-    if not model.recipe:
-        raise UserError(f"'{model.checkpoint_path}' holds no recipe, so its dataset is unknown; evaluate a "
+    if not trained.info.recipe:
+        raise UserError(f"'{trained.path}' holds no recipe, so its dataset is unknown; evaluate a "
                         "checkpoint written by 'tresfinetune train'")
-    return recipe_from_dict(model.recipe, overrides)
+    return recipe_from_dict(trained.info.recipe, overrides)
 
 
-def _check_classes(model: nn.Module, source_classes: list[str], dataset: str) -> None:
-    if list(source_classes) != list(model.class_names):
-        only_model = sorted(set(model.class_names) - set(source_classes))[:5]
-        only_data = sorted(set(source_classes) - set(model.class_names))[:5]
+def _check_classes(class_names: list[str], source_classes: list[str], dataset: str) -> None:
+    if list(source_classes) != list(class_names):
+        only_model = sorted(set(class_names) - set(source_classes))[:5]
+        only_data = sorted(set(source_classes) - set(class_names))[:5]
         detail = (f"only in the checkpoint: {', '.join(only_model) or '-'}; only in the data: "
                   f"{', '.join(only_data) or '-'}" if only_model or only_data else "same classes in another order")
         raise UserError(f"the classes of dataset '{dataset}' do not match the checkpoint's ({detail}); point "
@@ -99,22 +100,23 @@ def evaluate(
     from tresfinetune.datasets import build_source
     from tresfinetune.datasets.loaders import BadImageLog, ImageDataset, ImageLoader
     from tresfinetune.datasets.transforms import build_transforms
-    from tresfinetune.models.from_checkpoint import load_checkpoint_model
+    from tresfinetune.models.from_checkpoint import load_trained_model
     from tresfinetune.runtime import amp_dtype_for, resolve_device
 
     if tta not in (None, "none", "flip"):
         raise UserError(f"--tta must be 'flip' (or left out), got {tta!r}")
-    model = load_checkpoint_model(checkpoint)
-    recipe = _recipe_for(model, overrides)
+    trained = load_trained_model(checkpoint)
+    model, info = trained.model, trained.info
+    recipe = _recipe_for(trained, overrides)
     torch_device = resolve_device(device or recipe.device)
     split = split or recipe.data.val_split
     source = build_source(recipe.data)
-    _check_classes(model, source.class_names, recipe.data.name)
+    _check_classes(info.class_names, source.class_names, recipe.data.name)
     samples = source.split(split)
     if not samples:
         raise UserError(f"split '{split}' of dataset '{recipe.data.name}' has no images")
 
-    dataset = ImageDataset(samples, build_transforms(recipe, train=False), model.task)
+    dataset = ImageDataset(samples, build_transforms(recipe, train=False), info.task)
     bad_images = BadImageLog("skip")
     loader = ImageLoader(dataset, batch_size=batch_size or recipe.batch_size,
                          num_workers=recipe.workers if workers is None else workers, shuffle=False,
@@ -123,24 +125,24 @@ def evaluate(
     channels_last = recipe.channels_last and torch_device.type == "cuda"
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    scores, targets = collect_scores(model, loader, torch_device, model.task, model.mean, model.std,
+    scores, targets = collect_scores(model, loader, torch_device, info.task, info.mean, info.std,
                                      amp_dtype_for(recipe.amp, torch_device), channels_last, tta_flip=tta == "flip")
     if len(scores) == 0:
         raise UserError(f"none of the {len(samples)} images of split '{split}' could be read")
 
-    if model.task == SINGLE_LABEL:
-        metrics = single_label_report(scores, targets, model.class_names)
+    if info.task == SINGLE_LABEL:
+        metrics = single_label_report(scores, targets, info.class_names)
     else:
-        metrics = multi_label_metrics(scores, targets, model.class_names, model.thresholds)
+        metrics = multi_label_metrics(scores, targets, info.class_names, info.thresholds)
     report = {
-        "checkpoint": str(model.checkpoint_path),
-        "model": model.model_name,
+        "checkpoint": str(trained.path),
+        "model": trained.architecture,
         "dataset": recipe.data.name,
         "split": split,
-        "task": model.task,
+        "task": info.task,
         "tta": "flip" if tta == "flip" else None,
         "input_size": recipe.input_size,
-        "class_names": model.class_names,
+        "class_names": info.class_names,
         "skipped_unreadable": list(bad_images.paths),
         **metrics,
     }
@@ -153,9 +155,9 @@ def evaluate(
     plot_path = None
     if plot:
         folder, stem = ((json_file.parent, json_file.stem) if json_file is not None
-                        else (model.checkpoint_path.parent, f"eval_{split}"))
-        if model.task == SINGLE_LABEL:
-            plot_path = plot_confusion_matrix(metrics["confusion_matrix"], model.class_names,
+                        else (trained.path.parent, f"eval_{split}"))
+        if info.task == SINGLE_LABEL:
+            plot_path = plot_confusion_matrix(metrics["confusion_matrix"], info.class_names,
                                               folder / f"{stem}_confusion_matrix.png")
         else:
             plot_path = plot_average_precision(metrics["per_class"], folder / f"{stem}_ap_per_class.png")

@@ -8,10 +8,8 @@ from torch import nn
 
 from tresfinetune.datasets.transforms import to_model_input
 from tresfinetune.metrics import mean_average_precision, topk_accuracy
-from tresfinetune.runtime import autocast
-
-SINGLE_LABEL = "single-label"
-MULTI_LABEL = "multi-label"
+from tresfinetune.runtime import autocast, scores_from_logits
+from tresfinetune.tasks import SINGLE_LABEL
 
 
 @torch.no_grad()
@@ -39,8 +37,7 @@ def collect_scores(
             logits = model(images)
             if tta_flip:
                 logits = (logits + model(images.flip(-1))) / 2
-        logits = logits.float()
-        scores = logits.softmax(1) if task == SINGLE_LABEL else logits.sigmoid()
+        scores = scores_from_logits(logits, task)
         all_scores.append(scores.cpu().numpy())
         all_targets.append(targets.numpy())
     if not all_scores:

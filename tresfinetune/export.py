@@ -21,8 +21,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from tresfinetune.checkpoint import RunInfo
 from tresfinetune.datasets.transforms import to_model_input
 from tresfinetune.errors import UserError
+from tresfinetune.models.from_checkpoint import TrainedModel
 
 log = logging.getLogger("tresfinetune")
 
@@ -44,17 +46,18 @@ class ExportResult:
     runtime: str | None  # what ran the exported file: "torch.jit" or "onnxruntime"
 
 
-def export_metadata(model: nn.Module) -> dict:
+def export_metadata(trained: TrainedModel) -> dict:
     """What a program using the exported file needs to know: classes, preprocessing, task, thresholds."""
+    info = trained.info
     return {
         "producer": "tresfinetune",
-        "model_name": model.model_name,
-        "task": model.task,
-        "class_names": list(model.class_names),
-        "input_size": int(model.input_size),
-        "mean": [float(m) for m in model.mean],
-        "std": [float(s) for s in model.std],
-        "thresholds": None if model.thresholds is None else [float(t) for t in model.thresholds],
+        "model_name": trained.architecture,
+        "task": info.task,
+        "class_names": list(info.class_names),
+        "input_size": int(info.input_size),
+        "mean": [float(m) for m in info.mean],
+        "std": [float(s) for s in info.std],
+        "thresholds": None if info.thresholds is None else [float(t) for t in info.thresholds],
         "input": "float32 (batch, 3, input_size, input_size), RGB, (pixel / 255 - mean) / std",
         "output": "logits; softmax for single-label, sigmoid (>= threshold) for multi-label",
     }
@@ -65,12 +68,12 @@ def relative_difference(output: torch.Tensor | np.ndarray, reference: torch.Tens
     return float((output - reference).abs().max() / reference.abs().max().clamp_min(1e-12))
 
 
-def sample_inputs(model: nn.Module, batch: int, seed: int = 0) -> torch.Tensor:
+def sample_inputs(info: RunInfo, batch: int, seed: int = 0) -> torch.Tensor:
     """Random images prepared as training prepared its batches (scaled to [0, 1], normalised)."""
     generator = torch.Generator().manual_seed(seed)
-    size = model.input_size
+    size = info.input_size
     images = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, generator=generator)
-    return to_model_input(images, torch.device("cpu"), model.mean, model.std)
+    return to_model_input(images, torch.device("cpu"), info.mean, info.std)
 
 
 def _check(difference: float, what: str) -> None:
@@ -166,7 +169,7 @@ def export_model(checkpoint: str | Path, output: str | Path, format: str | None 
     relative to the largest logit.
     """
     from tresfinetune.models import fuse_for_inference
-    from tresfinetune.models.from_checkpoint import load_checkpoint_model
+    from tresfinetune.models.from_checkpoint import load_trained_model
 
     output = Path(output).expanduser()
     format = resolve_format(output, format)
@@ -177,11 +180,13 @@ def export_model(checkpoint: str | Path, output: str | Path, format: str | None 
     if format == "onnx":
         _require_onnx()
 
-    model = load_checkpoint_model(checkpoint)
-    metadata = export_metadata(model)
+    trained = load_trained_model(checkpoint)
+    model = trained.model
+    metadata = export_metadata(trained)
     fused = fuse_for_inference(model)
-    example = sample_inputs(model, SAMPLE_BATCH, seed=0)
-    check_images = sample_inputs(model, SAMPLE_BATCH + 1, seed=1)  # another batch size: the batch axis is dynamic
+    example = sample_inputs(trained.info, SAMPLE_BATCH, seed=0)
+    # Another batch size: the batch axis is dynamic.
+    check_images = sample_inputs(trained.info, SAMPLE_BATCH + 1, seed=1)
     reference = model(check_images)
     fused_difference = relative_difference(fused(check_images), reference)
     _check(fused_difference, "the fused model")

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from tresfinetune.recipe import MixupConfig, Recipe
+from tresfinetune.runtime import unwrap_model
 
 
 def parameter_groups(model: nn.Module, weight_decay: float, head_lr_mult: float) -> list[dict]:
@@ -32,9 +33,7 @@ def parameter_groups(model: nn.Module, weight_decay: float, head_lr_mult: float)
 
 
 def _head(model: nn.Module) -> nn.Module:
-    model = getattr(model, "module", model)  # DistributedDataParallel
-    model = getattr(model, "_orig_mod", model)  # torch.compile
-    return model.head
+    return unwrap_model(model).head
 
 
 def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:

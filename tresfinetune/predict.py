@@ -26,10 +26,12 @@ from rich.text import Text
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from tresfinetune.checkpoint import RunInfo
 from tresfinetune.datasets.images import UnreadableImage, list_images, load_image
 from tresfinetune.datasets.transforms import to_model_input
 from tresfinetune.errors import UserError
-from tresfinetune.evaluation import MULTI_LABEL
+from tresfinetune.runtime import resolve_device, scores_from_logits
+from tresfinetune.tasks import MULTI_LABEL
 
 log = logging.getLogger("tresfinetune")
 
@@ -89,14 +91,14 @@ def collect_image_paths(paths: Iterable[str | Path]) -> list[Path]:
     return list(dict.fromkeys(found))  # a file given twice is predicted once
 
 
-def inference_transform(model: nn.Module) -> Callable[[np.ndarray], torch.Tensor]:
-    """The evaluation preprocessing of the run that trained `model` (from load_checkpoint_model)."""
+def inference_transform(info: RunInfo) -> Callable[[np.ndarray], torch.Tensor]:
+    """The evaluation preprocessing of the run `info` describes."""
     from tresfinetune.datasets.transforms import build_transforms
-    from tresfinetune.recipe import recipe_from_dict
+    from tresfinetune.recipes import recipe_from_dict
 
-    raw = dict(model.recipe or {})
+    raw = dict(info.recipe or {})
     if not raw:  # a checkpoint without its recipe: the default evaluation pipeline for its size
-        raw = {"input_size": model.input_size}
+        raw = {"input_size": info.input_size}
     return build_transforms(recipe_from_dict(raw), train=False)
 
 
@@ -123,19 +125,18 @@ def _collate(items: list) -> list:
 
 def model_scores(model: nn.Module, images: torch.Tensor, task: str) -> torch.Tensor:
     """Softmax (single-label) or sigmoid (multi-label) probabilities, float32 on the CPU."""
-    logits = model(images).float()
-    return (logits.sigmoid() if task == MULTI_LABEL else logits.softmax(1)).cpu()
+    return scores_from_logits(model(images), task).cpu()
 
 
-def multi_label_thresholds(model: nn.Module, threshold: float | None) -> list[float]:
+def multi_label_thresholds(info: RunInfo, threshold: float | None) -> list[float]:
     """The given threshold for every class, else the checkpoint's tuned ones, else 0.5."""
     if threshold is not None:
-        return [float(threshold)] * len(model.class_names)
-    if model.thresholds:
-        return [float(t) for t in model.thresholds]
+        return [float(threshold)] * len(info.class_names)
+    if info.thresholds:
+        return [float(t) for t in info.thresholds]
     log.warning("the checkpoint has no tuned thresholds; using %g for every class (set one with --threshold)",
                 DEFAULT_THRESHOLD)
-    return [DEFAULT_THRESHOLD] * len(model.class_names)
+    return [DEFAULT_THRESHOLD] * len(info.class_names)
 
 
 def _describe(path: Path, scores: torch.Tensor, class_names: list[str], task: str, top_k: int,
@@ -168,8 +169,7 @@ def predict(
     multi-label, one threshold for every class instead of the tuned ones; single-label, leave out top-k classes
     below it. Files that cannot be decoded are skipped and listed in `unreadable`.
     """
-    from tresfinetune.models.from_checkpoint import load_checkpoint_model
-    from tresfinetune.runtime import resolve_device
+    from tresfinetune.models.from_checkpoint import load_trained_model
 
     if top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {top_k}")
@@ -182,11 +182,12 @@ def predict(
         checkpoint = find_latest_checkpoint(runs_dir)
         log.info("using %s (the most recent run under %s)", checkpoint, runs_dir)
     torch_device = resolve_device(device)
-    model = load_checkpoint_model(checkpoint, device=torch_device)
-    task, class_names = model.task, model.class_names
-    thresholds = multi_label_thresholds(model, threshold) if task == MULTI_LABEL else None
+    trained = load_trained_model(checkpoint, device=torch_device)
+    model, info = trained.model, trained.info
+    task, class_names = info.task, info.class_names
+    thresholds = multi_label_thresholds(info, threshold) if task == MULTI_LABEL else None
 
-    loader = DataLoader(ImageFiles(image_paths, inference_transform(model)), batch_size=batch_size,
+    loader = DataLoader(ImageFiles(image_paths, inference_transform(info)), batch_size=batch_size,
                         num_workers=workers, collate_fn=_collate)
     predictions: list[Prediction] = []
     unreadable: list[tuple[str, str]] = []
@@ -195,10 +196,10 @@ def predict(
         unreadable.extend((str(image_paths[i]), item) for i, item in batch if isinstance(item, str))
         if not good:
             continue
-        images = to_model_input(torch.stack([item for _, item in good]), torch_device, model.mean, model.std)
+        images = to_model_input(torch.stack([item for _, item in good]), torch_device, info.mean, info.std)
         for (i, _), scores in zip(good, model_scores(model, images, task), strict=True):
             predictions.append(_describe(image_paths[i], scores, class_names, task, top_k, thresholds, threshold))
-    return PredictionResult(model.checkpoint_path, task, class_names, predictions, unreadable, thresholds)
+    return PredictionResult(trained.path, task, class_names, predictions, unreadable, thresholds)
 
 
 # ---- output -------------------------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
-"""Recipes: one YAML file describes model, data, augmentation and schedule.
+"""What a recipe is: one YAML file describes model, data, augmentation and schedule.
 
-The schema is the dataclasses below; their defaults are what an omitted key means. Loading validates every key:
+The schema is the dataclasses below; their defaults are what an omitted key means. This module is a leaf that every
+other one reads; recipes.py loads recipes and checks them against the models and data sources. Parsing checks every
+key:
 an unknown key names itself and the nearest valid key, a wrong type names the key and the type it wants.
 `--set a.b=value` overrides are applied to the raw YAML before validation, so they are checked the same way.
 """
@@ -281,18 +283,12 @@ def read_yaml(path: str | Path) -> dict:
     return raw
 
 
-def recipe_from_dict(raw: dict, overrides: typing.Iterable[str] = ()) -> Recipe:
-    """Validate a raw mapping (plus overrides) into a Recipe."""
+def parse_recipe(raw: dict, overrides: typing.Iterable[str] = ()) -> Recipe:
+    """A raw mapping (plus --set overrides) as a Recipe: keys, types and values checked, nothing else.
+    recipes.recipe_from_dict also checks it against the tool's models, data sources and albumentations."""
     raw = apply_overrides(_deep_copy(raw), overrides)
     recipe = _build(Recipe, raw, "")
-    validate(recipe)
-    return recipe
-
-
-def load_recipe(path: str | Path, overrides: typing.Iterable[str] = ()) -> Recipe:
-    """Read, override and validate a recipe file."""
-    recipe = recipe_from_dict(read_yaml(path), overrides)
-    object.__setattr__(recipe, "_source_path", Path(path))
+    check_values(recipe)
     return recipe
 
 
@@ -309,7 +305,7 @@ def _deep_copy(raw: dict) -> dict:
     return yaml.safe_load(yaml.safe_dump(raw)) if raw else {}
 
 
-def _choice(value: str | None, key: str, choices: typing.Sequence[str]) -> None:
+def check_choice(value: str | None, key: str, choices: typing.Sequence[str]) -> None:
     if value not in choices:
         close = difflib.get_close_matches(str(value), choices, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
@@ -321,35 +317,27 @@ def _positive(value: float | int, key: str, allow_zero: bool = False) -> None:
         raise UserError(f"recipe key '{key}' must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
-def validate(recipe: Recipe) -> None:
-    """Value checks beyond types; the transforms are checked against albumentations here too."""
-    from tresfinetune.datasets import source_names
-    from tresfinetune.models import list_models
-    from tresfinetune.models.ml_decoder import NUM_HEADS
-
-    _choice(recipe.model.name, "model.name", list_models())
-    _choice(recipe.model.norm, "model.norm", ["native", "inplace_abn"])
+def check_values(recipe: Recipe) -> None:
+    """Value checks that need nothing but the recipe; recipes.py adds those against the models, data sources and
+    albumentations."""
+    check_choice(recipe.model.norm, "model.norm", ["native", "inplace_abn"])
     if recipe.model.head is not None:
-        _choice(recipe.model.head, "model.head", ["fc", "ml_decoder"])
+        check_choice(recipe.model.head, "model.head", ["fc", "ml_decoder"])
     for key, value in recipe.model.head_options.items():
-        _choice(key, "model.head_options", list(HEAD_OPTIONS))
+        check_choice(key, "model.head_options", list(HEAD_OPTIONS))
         if isinstance(value, bool) or not isinstance(value, int) or (value < 1 and (key, value) != ("groups", -1)):
             raise UserError(f"recipe key 'model.head_options.{key}' must be a positive integer"
                             f"{' (or -1)' if key == 'groups' else ''}, got {value!r}")
-    if recipe.model.head_options.get("embedding", NUM_HEADS) % NUM_HEADS:
-        raise UserError(f"recipe key 'model.head_options.embedding' must be a multiple of {NUM_HEADS} (the decoder's "
-                        f"attention heads), got {recipe.model.head_options['embedding']}")
     if recipe.model.head_options and recipe.model.head == "fc":
         raise UserError("recipe key 'model.head_options' applies to model.head: ml_decoder only")
-    _choice(recipe.data.name, "data.name", source_names())
-    _choice(recipe.data.on_bad_image, "data.on_bad_image", ["skip", "error"])
-    _choice(recipe.optimizer.name, "optimizer.name", ["adamw", "adam", "sgd"])
-    _choice(recipe.schedule.name, "schedule.name", ["cosine", "onecycle", "constant"])
+    check_choice(recipe.data.on_bad_image, "data.on_bad_image", ["skip", "error"])
+    check_choice(recipe.optimizer.name, "optimizer.name", ["adamw", "adam", "sgd"])
+    check_choice(recipe.schedule.name, "schedule.name", ["cosine", "onecycle", "constant"])
     if recipe.loss.name is not None:
-        _choice(recipe.loss.name, "loss.name", ["cross_entropy", "bce", "asl", "asl_single"])
-    _choice(recipe.amp, "amp", ["auto", "bf16", "fp16", "none"])
+        check_choice(recipe.loss.name, "loss.name", ["cross_entropy", "bce", "asl", "asl_single"])
+    check_choice(recipe.amp, "amp", ["auto", "bf16", "fp16", "none"])
     if recipe.loss.partial is not None:
-        _choice(recipe.loss.partial, "loss.partial", ["negative", "ignore", "selective"])
+        check_choice(recipe.loss.partial, "loss.partial", ["negative", "ignore", "selective"])
     if not 0 <= recipe.loss.prior_threshold <= 1:
         raise UserError(f"recipe key 'loss.prior_threshold' must be in [0, 1], got {recipe.loss.prior_threshold}")
     _positive(recipe.loss.likelihood_topk, "loss.likelihood_topk", allow_zero=True)
@@ -384,12 +372,6 @@ def validate(recipe: Recipe) -> None:
         )
     if not recipe.device.startswith(("auto", "cpu", "cuda")):
         raise UserError(f"recipe key 'device' must be auto, cpu, cuda or cuda:N, got {recipe.device!r}")
-    from tresfinetune.datasets.transforms import validate_pipeline
-
     if not 0 < recipe.transforms.crop_pct <= 1:
         raise UserError(f"recipe key 'transforms.crop_pct' must be in (0, 1] (e.g. 0.875: resize 224 / 0.875 = 256, "
                         f"then crop 224), got {recipe.transforms.crop_pct}")
-    for split in ("train", "val"):
-        spec = getattr(recipe.transforms, split)
-        if spec is not None:
-            validate_pipeline(spec, f"transforms.{split}", recipe.input_size, recipe.transforms.crop_pct)

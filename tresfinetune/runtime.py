@@ -1,13 +1,15 @@
-"""Where and in which precision a command runs: the device, the autocast dtype. Shared by train, evaluate,
-predict and benchmark, so each makes the same choice."""
+"""Where and in which precision a command runs (the device, the autocast dtype), the model behind its wrappers,
+and scores from logits. Shared by train, evaluate, predict, export and benchmark, so each makes the same choice."""
 
 from __future__ import annotations
 
 import contextlib
 
 import torch
+from torch import nn
 
 from tresfinetune.errors import UserError
+from tresfinetune.tasks import MULTI_LABEL
 
 # NVIDIA GPUs compute bf16 natively from compute capability 8.0 (Ampere) on. Older ones (V100, T4) report bf16 as
 # "supported" because it is emulated, slower than fp16 and no more accurate for training; they get fp16.
@@ -47,3 +49,15 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside DistributedDataParallel and torch.compile wrappers."""
+    model = getattr(model, "module", model)  # DistributedDataParallel
+    return getattr(model, "_orig_mod", model)  # torch.compile
+
+
+def scores_from_logits(logits: torch.Tensor, task: str) -> torch.Tensor:
+    """Class probabilities: softmax over classes for single-label, a sigmoid per class for multi-label."""
+    logits = logits.float()
+    return logits.sigmoid() if task == MULTI_LABEL else logits.softmax(1)

@@ -1,15 +1,17 @@
 """The training loop: `train(recipe)` is the whole of `tresfinetune train`.
 
-One epoch = shuffle (seeded by epoch), forward under autocast, backward, optimizer step every
-`grad_accum_steps` batches, schedule step, EMA update; then validation of the model (and its EMA), one metrics row,
-`last.pt`, and `best.pt` when the main metric improved. Everything a resumed run needs is in `last.pt`.
+Read it as torchvision's reference script: `_build` makes the run's parts once (a `Training`), `_restore` picks
+the `TrainState` up from last.pt, then every epoch `train_one_epoch` (shuffle by epoch, forward under autocast,
+backward, optimizer step every `grad_accum_steps` batches, schedule step, EMA update), `validate` (the model and its
+EMA), `choose_best`, and `save_epoch` (last.pt, and best.pt when the main metric improved). Everything a resumed run
+needs is in last.pt; its schema is checkpoint.RunCheckpoint.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
-import logging
 import math
 import os
 import random
@@ -25,14 +27,18 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
+from torch.utils.data import DataLoader
 
 from tresfinetune import distributed, partial_labels
 from tresfinetune.checkpoint import (
-    CHECKPOINT_FORMAT,
+    OptimizerState,
+    RunCheckpoint,
+    RunInfo,
+    TrainState,
     deferred_interrupts,
     load_checkpoint,
     rng_state,
-    save_atomic,
+    save_checkpoint,
     set_rng_state,
 )
 from tresfinetune.datasets import build_loaders
@@ -40,15 +46,15 @@ from tresfinetune.datasets.source import has_unknown_labels
 from tresfinetune.datasets.transforms import to_model_input
 from tresfinetune.distributed import World
 from tresfinetune.errors import UserError
-from tresfinetune.evaluation import MULTI_LABEL, SINGLE_LABEL, collect_scores, compute_metrics, main_metric
+from tresfinetune.evaluation import collect_scores, compute_metrics, main_metric
 from tresfinetune.losses import PartialLabelLoss, build_loss
 from tresfinetune.metrics import tune_thresholds
-from tresfinetune.models import create_model, head_arguments
+from tresfinetune.models import convert_sync_norm, create_model, head_arguments
 from tresfinetune.optim import Mixup, ModelEma, build_optimizer, build_scheduler
-from tresfinetune.recipe import Recipe, load_recipe, model_head_arguments, recipe_from_dict, recipe_to_dict
-from tresfinetune.runtime import amp_dtype_for, autocast, resolve_device
-
-log = logging.getLogger("tresfinetune")
+from tresfinetune.recipe import Recipe, model_head_arguments, recipe_to_dict
+from tresfinetune.recipes import load_recipe, recipe_from_dict
+from tresfinetune.runtime import amp_dtype_for, autocast, resolve_device, unwrap_model
+from tresfinetune.tasks import MULTI_LABEL, SINGLE_LABEL
 
 
 class TrainingInterrupted(Exception):
@@ -72,6 +78,44 @@ class TrainResult:
         return self.run_dir / "best.pt"
 
 
+@dataclass
+class Training:
+    """What one run trains with, built once by `_build`: where it runs, its data, model, loss and optimizer."""
+
+    recipe: Recipe
+    run_dir: Path
+    device: torch.device
+    world: World
+    info: RunInfo  # class names, task, sizes: what every checkpoint of the run carries
+    train_loader: DataLoader
+    val_loader: DataLoader
+    model: nn.Module
+    ema: ModelEma | None
+    criterion: nn.Module
+    loss_name: str
+    partial: str | None  # how unknown labels are treated (multi-label data), see partial_labels.py
+    mixup: Mixup
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+    channels_last: bool
+    prior_estimate: partial_labels.PriorEstimate | None = None
+    train_model: nn.Module | None = None  # what the step calls: the model, in DDP and compiled as asked
+    searching_unused: bool = False  # DDP looks for parameters without gradient (while the backbone is frozen)
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+
+@dataclass
+class EpochStats:
+    train_loss: float
+    seconds: float
+    images: int  # this process's
+
+
 def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -87,11 +131,6 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 def default_run_dir(recipe_path: Path | None, base: Path = Path("runs")) -> Path:
     stem = recipe_path.stem if recipe_path else "run"
     return base / f"{stem}-{datetime.now():%Y%m%d-%H%M%S}"
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    model = getattr(model, "module", model)  # DistributedDataParallel
-    return getattr(model, "_orig_mod", model)  # torch.compile
 
 
 class RunLog:
@@ -157,8 +196,7 @@ def _progress(console: Console, enabled: bool) -> Progress:
 
 def _set_backbone_frozen(model: nn.Module, frozen: bool) -> None:
     """Freeze everything but the head; frozen norm layers also stop updating their statistics."""
-    core = _unwrap(model)
-    for name, child in core.named_children():
+    for name, child in unwrap_model(model).named_children():
         if name != "head":
             child.requires_grad_(not frozen)
             if frozen:
@@ -194,10 +232,10 @@ def train(
     ckpt = None
     if resume is not None:
         ckpt = load_checkpoint(resume)
-        if "optimizer" not in ckpt:
-            raise UserError(f"'{ckpt['path']}' holds weights only; resume from the run's last.pt")
-        recipe = recipe_from_dict(ckpt["recipe"], overrides)
-        run_dir = Path(ckpt["path"]).parent
+        if ckpt.state is None:
+            raise UserError(f"'{ckpt.path}' holds weights only; resume from the run's last.pt")
+        recipe = recipe_from_dict(ckpt.info.recipe, overrides)
+        run_dir = ckpt.path.parent
     elif recipe is None:
         raise UserError("give a recipe to train, or --resume a run")
     else:
@@ -216,258 +254,24 @@ def train(
         distributed.close_world(world)
 
 
-def _train(
-    recipe: Recipe, run_dir: Path, ckpt: dict | None, device: torch.device, world: World, console: Console,
-    show_progress: bool,
-) -> TrainResult:
+def _train(recipe: Recipe, run_dir: Path, ckpt: RunCheckpoint | None, device: torch.device, world: World,
+           console: Console, show_progress: bool) -> TrainResult:
     seed_everything(recipe.seed, recipe.deterministic)
-    train_loader, val_loader, source = build_loaders(recipe, rank=world.rank, world_size=world.size, device=device)
-    task, class_names = source.task, list(source.class_names)
-    num_classes = len(class_names)
-    # Training from a checkpoint restores its weights below; the pretrained file is needed only at the start.
-    weights = None if ckpt is not None else recipe.model.weights
-    # Resuming rebuilds the head the run trained (its groups may have come from the pretrained file).
-    head = head_arguments(ckpt["model"]) if ckpt is not None else model_head_arguments(recipe)
-    model = create_model(recipe.model.name, num_classes=num_classes, weights=weights, norm=recipe.model.norm,
-                         **head)
-    if ckpt is not None:
-        try:
-            model.load_state_dict(ckpt["model"])
-        except RuntimeError:
-            raise UserError(f"the weights in '{ckpt['path']}' do not fit a {recipe.model.name} with {num_classes} "
-                            f"classes; did the dataset or data.* settings change since the run started?") from None
-    model.to(device)
-    channels_last = recipe.channels_last and device.type == "cuda"
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    ema = ModelEma(model, recipe.ema) if recipe.ema else None
-    if ema is not None and ckpt is not None and ckpt.get("ema") is not None:
-        ema.load_state_dict(ckpt["ema"])
-
-    loss_name = recipe.loss.name or ("cross_entropy" if task == SINGLE_LABEL else "asl")
-    criterion = build_loss(loss_name, task, **recipe.loss.options)
-    has_unknowns = task == MULTI_LABEL and has_unknown_labels(train_loader.dataset.samples)
-    partial = partial_labels.choose_partial_mode(recipe.loss.partial, task, has_unknowns)
-    if has_unknowns or partial not in (None, "negative"):
-        criterion = PartialLabelLoss(criterion, partial, recipe.loss.prior_threshold, recipe.loss.likelihood_topk,
-                                     recipe.loss.gamma_unknown)
-    criterion.to(device)
-    mixup = Mixup(recipe.mixup, num_classes)
-    if mixup.enabled and task == MULTI_LABEL:
-        raise UserError("mixup/cutmix work on single-label data only; remove the mixup section for multi-label runs")
-
-    accum = recipe.grad_accum_steps
-    steps_per_epoch = max(1, math.ceil(len(train_loader) / accum))
-    optimizer = build_optimizer(model, recipe)
-    scheduler = build_scheduler(optimizer, recipe, steps_per_epoch)
-    amp_dtype = amp_dtype_for(recipe.amp, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-
-    if world.distributed and recipe.sync_bn:
-        from tresfinetune.models import convert_sync_norm
-
-        convert_sync_norm(model)
-
-    state = {"epoch": 0, "step": 0, "best_metric": None, "best_epoch": None, "epochs_without_improvement": 0,
-             "loss_sum": 0.0, "loss_count": 0, "label_prior": None, "prior_estimate": None}
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if scaler.is_enabled() and ckpt["scaler"]:  # empty when the run started with bf16 or without AMP
-            scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"])
-        for key in state:
-            state[key] = ckpt.get(key, state[key])
-        if world.is_main:
-            where = f"epoch {state['epoch'] + 1}" + (f", batch {state['step'] + 1}" if state["step"] else "")
-            console.print(f"Resuming [bold]{run_dir}[/] at {where}")
-    if state["epoch"] >= recipe.epochs:
-        raise UserError(f"'{run_dir}' already finished {state['epoch']} epochs; raise it with --set epochs=N")
-    searching_unused = state["epoch"] < recipe.freeze_backbone_epochs
-    train_model = _training_module(model, world, device, searching_unused, recipe.compile)
-    prior_estimate = None  # selective loss: the label prior estimated from the first loss.prior_epochs epochs
-    if partial == "selective":
-        if recipe.loss.prior:
-            criterion.set_prior(partial_labels.read_prior(recipe.loss.prior, class_names))
-        elif state["label_prior"] is not None:
-            criterion.set_prior(state["label_prior"])
-        else:
-            # Only rank 0's partial sums are in last.pt; the others restart theirs.
-            prior_estimate = partial_labels.PriorEstimate(num_classes, state["prior_estimate"] if world.is_main
-                                                          else None)
-
-    metric_name = main_metric(task)
+    run = _build(recipe, run_dir, ckpt, device, world)
+    state = _restore(run, ckpt, console)
     # The run folder appears only once data, weights and model are known to be good: a failed start leaves nothing.
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
-    run_log = RunLog(run_dir, state["epoch"] if ckpt is not None else None) if world.is_main else None
-    result = TrainResult(run_dir, run_log.rows if run_log else [], state["best_metric"], state["best_epoch"])
-
-    def checkpoint(path: Path, weights_only: bool = False, thresholds: list | None = None,
-                   inference: str = "model") -> None:
-        """last.pt holds the whole training state; best.pt (weights_only) just the winning weights."""
-        payload = {
-            "format": CHECKPOINT_FORMAT, "version": 1, "model_name": recipe.model.name,
-            "class_names": class_names, "task": task, "input_size": recipe.input_size,
-            "mean": list(recipe.data.mean), "std": list(recipe.data.std), "thresholds": thresholds,
-            "recipe": recipe_to_dict(recipe), "inference": "model", "model": model.state_dict(), "ema": None,
-        }
-        if weights_only:
-            payload["model"] = (ema.module if inference == "ema" else model).state_dict()
-        else:
-            if ema is not None:
-                payload.update(ema=ema.state_dict(), inference="ema")
-            payload.update(state)
-            payload.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                           scaler=scaler.state_dict(), rng=rng_state())
-        save_atomic(payload, path)
-
-    if world.is_main:
-        effective = recipe.batch_size * world.size * accum
-        console.print(
-            f"Training [bold]{recipe.model.name}[/] on [bold]{recipe.data.name}[/] ({task}, {num_classes} classes, "
-            f"{len(train_loader.dataset)} train / {len(val_loader.dataset)} val images) at {recipe.input_size}px "
-            f"on {device}{' x' + str(world.size) if world.distributed else ''}; batch {recipe.batch_size}"
-            + (f" per process, effective {effective}" if effective != recipe.batch_size else "")
-            + f"; amp {str(amp_dtype).removeprefix('torch.') if amp_dtype else 'off'}"
-            + (f"; {loss_name}, unknown labels: {_describe_partial(partial, recipe)}" if partial else "")
-            + f"; run folder {run_dir}"
-        )
-
-    progress = _progress(console, show_progress)
-    epoch_bar = progress.add_task("epochs", total=recipe.epochs, completed=state["epoch"], info="")
-    step_bar = progress.add_task("train", total=len(train_loader), info="")
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    interrupted = False
+        console.print(_start_line(run))
+    run_log = RunLog(run_dir, state.epoch if ckpt is not None else None) if world.is_main else None
+    result = TrainResult(run_dir, run_log.rows if run_log else [], state.best_metric, state.best_epoch)
     try:
-        with progress:
-            for epoch in range(state["epoch"], recipe.epochs):
-                state["epoch"] = epoch
-                if hasattr(train_loader.sampler, "set_epoch"):
-                    train_loader.sampler.set_epoch(epoch)
-                if hasattr(train_loader.dataset, "set_epoch"):
-                    train_loader.dataset.set_epoch(epoch)
-                if searching_unused and epoch >= recipe.freeze_backbone_epochs:
-                    # The backbone trains from now on: DDP's per-step search for unused parameters would be waste.
-                    searching_unused = False
-                    train_model = _training_module(model, world, device, searching_unused, recipe.compile)
-                train_model.train()
-                _set_backbone_frozen(model, epoch < recipe.freeze_backbone_epochs)
-                skip = state["step"]
-                progress.reset(step_bar, total=len(train_loader), completed=skip, description=f"epoch {epoch + 1}")
-                started, images_seen = time.perf_counter(), 0
-                pending_loss = torch.zeros((), device=device)
-                pending_count = 0
-                optimizer.zero_grad(set_to_none=True)
-                for step, (images, targets) in enumerate(train_loader):
-                    if step < skip:
-                        continue  # resumed mid-epoch: these batches were already trained on
-                    images = to_model_input(images, device, recipe.data.mean, recipe.data.std, memory_format)
-                    targets = targets.to(device, non_blocking=True)
-                    if mixup.enabled:
-                        images, targets = mixup(images, targets)
-                    last_of_group = (step + 1) % accum == 0 or step + 1 == len(train_loader)
-                    sync = nullcontext() if last_of_group or not world.distributed else train_model.no_sync()
-                    with sync, autocast(device, amp_dtype):
-                        logits = train_model(images)
-                        loss = criterion(logits.float(), targets)
-                    if prior_estimate is not None:
-                        prior_estimate.update(logits)
-                    scaler.scale(loss / accum).backward()
-                    pending_loss += loss.detach()
-                    pending_count += 1
-                    images_seen += len(images)
-                    if last_of_group:
-                        if recipe.clip_grad_norm:
-                            scaler.unscale_(optimizer)
-                            nn.utils.clip_grad_norm_(model.parameters(), recipe.clip_grad_norm)
-                        scaler.step(optimizer)
-                        scaler.update()
-                        optimizer.zero_grad(set_to_none=True)
-                        scheduler.step()
-                        if ema is not None:
-                            ema.update(model)
-                        # One host sync per optimizer step: read the loss, check it, commit the step.
-                        loss_value = pending_loss.item()
-                        if distributed.any_rank(not math.isfinite(loss_value), world, device):
-                            raise _NonFiniteLoss(epoch, step)
-                        state["loss_sum"] += loss_value
-                        state["loss_count"] += pending_count
-                        state["step"] = step + 1
-                        if prior_estimate is not None:  # after the loss's host sync, so it costs no extra wait
-                            state["prior_estimate"] = prior_estimate.state()
-                        rate = images_seen * world.size / (time.perf_counter() - started)
-                        progress.update(
-                            step_bar, completed=step + 1,
-                            info=f"loss {loss_value / pending_count:.4f}  lr {optimizer.param_groups[0]['lr']:.2e}"
-                            f"  {rate:.0f} img/s",
-                        )
-                        pending_loss.zero_()
-                        pending_count = 0
-                loss_sum, loss_count = distributed.all_reduce_sum(
-                    [state["loss_sum"], float(state["loss_count"])], world, device
-                )
-                train_loss = loss_sum / max(1.0, loss_count)
-                epoch_seconds = time.perf_counter() - started
-                if prior_estimate is not None and epoch + 1 >= recipe.loss.prior_epochs:
-                    state["label_prior"] = _finish_prior(prior_estimate, world, device, run_dir, class_names)
-                    criterion.set_prior(state["label_prior"])
-                    prior_estimate = state["prior_estimate"] = None
-
-                row = {"epoch": epoch + 1, "train_loss": round(train_loss, 6),
-                       "lr": optimizer.param_groups[0]["lr"]}
-                validate = (epoch + 1) % recipe.val_every == 0 or epoch + 1 == recipe.epochs
-                candidates: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-                if validate:
-                    progress.update(step_bar, description="validate", info="")
-                    for which, net in (("model", model), ("ema", ema.module if ema else None)):
-                        if net is None:
-                            continue
-                        scores, targets = collect_scores(net, val_loader, device, task, recipe.data.mean,
-                                                         recipe.data.std, amp_dtype, channels_last)
-                        scores = distributed.gather_arrays(scores, world)
-                        targets = distributed.gather_arrays(targets, world)
-                        candidates[which] = (scores, targets)
-                        row.update(compute_metrics(scores, targets, task, "val_" if which == "model" else "ema_val_"))
-                row["epoch_seconds"] = round(epoch_seconds, 2)
-                row["train_img_per_s"] = round(images_seen * world.size / max(epoch_seconds, 1e-9), 1)
-
-                # The epoch counts as done once its row and last.pt are written; Ctrl-C waits for both.
-                with deferred_interrupts():
-                    state.update(epoch=epoch + 1, step=0, loss_sum=0.0, loss_count=0)
-                    improved_by = None
-                    if candidates:
-                        # The raw weights and their EMA compete; the better one becomes best.pt.
-                        values = {w: row.get(("" if w == "model" else "ema_") + metric_name, -1.0) for w in candidates}
-                        best_now = max(values, key=values.get)
-                        if state["best_metric"] is None or values[best_now] > state["best_metric"]:
-                            state.update(best_metric=values[best_now], best_epoch=epoch + 1)
-                            state["epochs_without_improvement"] = 0
-                            improved_by = best_now
-                        else:
-                            state["epochs_without_improvement"] += 1
-                    if world.is_main:
-                        run_log.add(row)
-                        checkpoint(run_dir / "last.pt")
-                        if improved_by is not None:
-                            thresholds = None
-                            if task == MULTI_LABEL:
-                                thresholds = tune_thresholds(*candidates[improved_by]).tolist()
-                            checkpoint(run_dir / "best.pt", weights_only=True, thresholds=thresholds,
-                                       inference=improved_by)
-                        console.print(_summary_line(row, metric_name, improved_by is not None, recipe.epochs))
-                progress.update(epoch_bar, completed=epoch + 1)
-                distributed.barrier(world)
-                result.best_metric, result.best_epoch = state["best_metric"], state["best_epoch"]
-                patience = recipe.early_stopping_patience
-                if patience is not None and state["epochs_without_improvement"] >= patience:
-                    if world.is_main:
-                        console.print(f"Stopping early: no improvement of {metric_name} for {patience} epochs")
-                    result.stopped_early = True
-                    break
+        _run_epochs(run, state, result, run_log, console, show_progress)
     except KeyboardInterrupt:
-        interrupted = True
+        if world.is_main:
+            save_checkpoint(_last_checkpoint(run, state), run_dir / "last.pt")
+        raise TrainingInterrupted(run_dir) from None
     except _NonFiniteLoss as e:
         raise UserError(
             f"the training loss became NaN/inf at epoch {e.epoch + 1}, batch {e.step + 1}; stopped. The last good "
@@ -477,12 +281,278 @@ def _train(
     finally:
         if run_log is not None:
             run_log.close()
-    if interrupted:
-        # state["step"] counts the batches whose optimizer step happened, so the resume repeats none and skips none.
-        if world.is_main:
-            checkpoint(run_dir / "last.pt")
-        raise TrainingInterrupted(run_dir)
     return result
+
+
+def _build(recipe: Recipe, run_dir: Path, ckpt: RunCheckpoint | None, device: torch.device,
+           world: World) -> Training:
+    """Data, model (pretrained or resumed weights), EMA, loss, optimizer and schedule of a run."""
+    train_loader, val_loader, source = build_loaders(recipe, rank=world.rank, world_size=world.size, device=device)
+    info = RunInfo(recipe.model.name, list(source.class_names), source.task, recipe.input_size,
+                   list(recipe.data.mean), list(recipe.data.std), recipe=recipe_to_dict(recipe))
+    model = _build_model(recipe, ckpt, len(info.class_names)).to(device)
+    channels_last = recipe.channels_last and device.type == "cuda"
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    ema = ModelEma(model, recipe.ema) if recipe.ema else None
+    if ema is not None and ckpt is not None and ckpt.ema is not None:
+        ema.load_state_dict(ckpt.ema)
+    if world.distributed and recipe.sync_bn:
+        convert_sync_norm(model)
+
+    loss_name = recipe.loss.name or ("cross_entropy" if info.task == SINGLE_LABEL else "asl")
+    criterion = build_loss(loss_name, info.task, **recipe.loss.options)
+    has_unknowns = info.task == MULTI_LABEL and has_unknown_labels(train_loader.dataset.samples)
+    partial = partial_labels.choose_partial_mode(recipe.loss.partial, info.task, has_unknowns)
+    if has_unknowns or partial not in (None, "negative"):
+        criterion = PartialLabelLoss(criterion, partial, recipe.loss.prior_threshold, recipe.loss.likelihood_topk,
+                                     recipe.loss.gamma_unknown)
+    mixup = Mixup(recipe.mixup, len(info.class_names))
+    if mixup.enabled and info.task == MULTI_LABEL:
+        raise UserError("mixup/cutmix work on single-label data only; remove the mixup section for multi-label runs")
+
+    optimizer = build_optimizer(model, recipe)
+    steps_per_epoch = max(1, math.ceil(len(train_loader) / recipe.grad_accum_steps))
+    scheduler = build_scheduler(optimizer, recipe, steps_per_epoch)
+    amp_dtype = amp_dtype_for(recipe.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    return Training(recipe, run_dir, device, world, info, train_loader, val_loader, model, ema, criterion.to(device),
+                    loss_name, partial, mixup, optimizer, scheduler, scaler, amp_dtype, channels_last)
+
+
+def _build_model(recipe: Recipe, ckpt: RunCheckpoint | None, num_classes: int) -> nn.Module:
+    if ckpt is None:
+        return create_model(recipe.model.name, num_classes=num_classes, weights=recipe.model.weights,
+                            norm=recipe.model.norm, **model_head_arguments(recipe))
+    # Resuming rebuilds the head the run trained (its groups may have come from the pretrained file).
+    model = create_model(recipe.model.name, num_classes=num_classes, norm=recipe.model.norm,
+                         **head_arguments(ckpt.model))
+    try:
+        model.load_state_dict(ckpt.model)
+    except RuntimeError:
+        raise UserError(f"the weights in '{ckpt.path}' do not fit a {recipe.model.name} with {num_classes} "
+                        f"classes; did the dataset or data.* settings change since the run started?") from None
+    return model
+
+
+def _restore(run: Training, ckpt: RunCheckpoint | None, console: Console) -> TrainState:
+    """The state to start from: a fresh one, or a resumed run's (with its optimizer, schedule and RNGs)."""
+    recipe, state = run.recipe, TrainState()
+    if ckpt is not None:
+        saved = ckpt.optimization
+        run.optimizer.load_state_dict(saved.optimizer)
+        run.scheduler.load_state_dict(saved.scheduler)
+        if run.scaler.is_enabled() and saved.scaler:  # empty when the run started with bf16 or without AMP
+            run.scaler.load_state_dict(saved.scaler)
+        set_rng_state(saved.rng)
+        state = ckpt.state
+        if run.world.is_main:
+            where = f"epoch {state.epoch + 1}" + (f", batch {state.step + 1}" if state.step else "")
+            console.print(f"Resuming [bold]{run.run_dir}[/] at {where}")
+    if state.epoch >= recipe.epochs:
+        raise UserError(f"'{run.run_dir}' already finished {state.epoch} epochs; raise it with --set epochs=N")
+    run.searching_unused = state.epoch < recipe.freeze_backbone_epochs
+    run.train_model = _training_module(run.model, run.world, run.device, run.searching_unused, recipe.compile)
+    if run.partial == "selective":
+        if recipe.loss.prior:
+            run.criterion.set_prior(partial_labels.read_prior(recipe.loss.prior, run.info.class_names))
+        elif state.label_prior is not None:
+            run.criterion.set_prior(state.label_prior)
+        else:
+            # Only rank 0's partial sums are in last.pt; the others restart theirs.
+            run.prior_estimate = partial_labels.PriorEstimate(
+                len(run.info.class_names), state.prior_estimate if run.world.is_main else None)
+    return state
+
+
+def _start_line(run: Training) -> str:
+    recipe, world, info = run.recipe, run.world, run.info
+    effective = recipe.batch_size * world.size * recipe.grad_accum_steps
+    return (
+        f"Training [bold]{recipe.model.name}[/] on [bold]{recipe.data.name}[/] ({info.task}, "
+        f"{len(info.class_names)} classes, {len(run.train_loader.dataset)} train / {len(run.val_loader.dataset)} val "
+        f"images) at {recipe.input_size}px on {run.device}{' x' + str(world.size) if world.distributed else ''}; "
+        f"batch {recipe.batch_size}"
+        + (f" per process, effective {effective}" if effective != recipe.batch_size else "")
+        + f"; amp {str(run.amp_dtype).removeprefix('torch.') if run.amp_dtype else 'off'}"
+        + (f"; {run.loss_name}, unknown labels: {_describe_partial(run.partial, recipe)}" if run.partial else "")
+        + f"; run folder {run.run_dir}"
+    )
+
+
+def _run_epochs(run: Training, state: TrainState, result: TrainResult, run_log: RunLog | None, console: Console,
+                show_progress: bool) -> None:
+    """Train, validate, choose the best and save, epoch after epoch, until the last or early stopping."""
+    recipe, world = run.recipe, run.world
+    metric_name = main_metric(run.info.task)
+    progress = _progress(console, show_progress)
+    epoch_bar = progress.add_task("epochs", total=recipe.epochs, completed=state.epoch, info="")
+    with progress:
+        for epoch in range(state.epoch, recipe.epochs):
+            stats = train_one_epoch(run, state, epoch, progress)
+            row = {"epoch": epoch + 1, "train_loss": round(stats.train_loss, 6),
+                   "lr": run.optimizer.param_groups[0]["lr"]}
+            candidates = {}
+            if (epoch + 1) % recipe.val_every == 0 or epoch + 1 == recipe.epochs:
+                candidates = validate(run, row, progress)
+            row["epoch_seconds"] = round(stats.seconds, 2)
+            row["train_img_per_s"] = round(stats.images * world.size / max(stats.seconds, 1e-9), 1)
+            # The epoch counts as done once its row and last.pt are written; Ctrl-C waits for both.
+            with deferred_interrupts():
+                state.epoch, state.step, state.loss_sum, state.loss_count = epoch + 1, 0, 0.0, 0
+                improved_by = choose_best(state, row, candidates, metric_name)
+                if world.is_main:
+                    run_log.add(row)
+                    save_epoch(run, state, improved_by, candidates)
+                    console.print(_summary_line(row, metric_name, improved_by is not None, recipe.epochs))
+            progress.update(epoch_bar, completed=epoch + 1)
+            distributed.barrier(world)
+            result.best_metric, result.best_epoch = state.best_metric, state.best_epoch
+            patience = recipe.early_stopping_patience
+            if patience is not None and state.epochs_without_improvement >= patience:
+                if world.is_main:
+                    console.print(f"Stopping early: no improvement of {metric_name} for {patience} epochs")
+                result.stopped_early = True
+                break
+
+
+def train_one_epoch(run: Training, state: TrainState, epoch: int, progress: Progress) -> EpochStats:
+    """One pass over the training data (the rest of it when resumed mid-epoch), an optimizer step every
+    `grad_accum_steps` batches. One host sync per optimizer step: reading the loss to check it."""
+    recipe, world, loader = run.recipe, run.world, run.train_loader
+    _start_epoch(run, epoch)
+    skip, accum = state.step, recipe.grad_accum_steps
+    bar = progress.add_task(f"epoch {epoch + 1}", total=len(loader), completed=skip, info="")
+    started, images_seen = time.perf_counter(), 0
+    pending_loss, pending_count = torch.zeros((), device=run.device), 0
+    run.optimizer.zero_grad(set_to_none=True)
+    for step, (images, targets) in enumerate(loader):
+        if step < skip:
+            continue  # resumed mid-epoch: these batches were already trained on
+        last_of_group = (step + 1) % accum == 0 or step + 1 == len(loader)
+        pending_loss += _forward_backward(run, images, targets, last_of_group)
+        pending_count += 1
+        images_seen += len(images)
+        if not last_of_group:
+            continue
+        _optimizer_step(run)
+        loss_value = pending_loss.item()
+        if distributed.any_rank(not math.isfinite(loss_value), world, run.device):
+            raise _NonFiniteLoss(epoch, step)
+        state.loss_sum += loss_value
+        state.loss_count += pending_count
+        state.step = step + 1
+        if run.prior_estimate is not None:  # after the loss's host sync, so it costs no extra wait
+            state.prior_estimate = run.prior_estimate.state()
+        rate = images_seen * world.size / (time.perf_counter() - started)
+        progress.update(bar, completed=step + 1, info=f"loss {loss_value / pending_count:.4f}  "
+                        f"lr {run.optimizer.param_groups[0]['lr']:.2e}  {rate:.0f} img/s")
+        pending_loss.zero_()
+        pending_count = 0
+    progress.remove_task(bar)
+    loss_sum, loss_count = distributed.all_reduce_sum([state.loss_sum, float(state.loss_count)], world, run.device)
+    seconds = time.perf_counter() - started
+    if run.prior_estimate is not None and epoch + 1 >= recipe.loss.prior_epochs:
+        state.label_prior = _finish_prior(run)
+        run.criterion.set_prior(state.label_prior)
+        run.prior_estimate = state.prior_estimate = None
+    return EpochStats(loss_sum / max(1.0, loss_count), seconds, images_seen)
+
+
+def _start_epoch(run: Training, epoch: int) -> None:
+    """Reshuffle for this epoch, and freeze or unfreeze the backbone."""
+    loader, recipe = run.train_loader, run.recipe
+    if hasattr(loader.sampler, "set_epoch"):
+        loader.sampler.set_epoch(epoch)
+    if hasattr(loader.dataset, "set_epoch"):
+        loader.dataset.set_epoch(epoch)
+    if run.searching_unused and epoch >= recipe.freeze_backbone_epochs:
+        # The backbone trains from now on: DDP's per-step search for unused parameters would be waste.
+        run.searching_unused = False
+        run.train_model = _training_module(run.model, run.world, run.device, False, recipe.compile)
+    run.train_model.train()
+    _set_backbone_frozen(run.model, epoch < recipe.freeze_backbone_epochs)
+
+
+def _forward_backward(run: Training, images: torch.Tensor, targets: torch.Tensor,
+                      last_of_group: bool) -> torch.Tensor:
+    """Loss of one batch (detached, on the device) after its backward; DDP reduces gradients on a group's last."""
+    images = to_model_input(images, run.device, run.recipe.data.mean, run.recipe.data.std, run.memory_format)
+    targets = targets.to(run.device, non_blocking=True)
+    if run.mixup.enabled:
+        images, targets = run.mixup(images, targets)
+    sync = nullcontext() if last_of_group or not run.world.distributed else run.train_model.no_sync()
+    with sync, autocast(run.device, run.amp_dtype):
+        logits = run.train_model(images)
+        loss = run.criterion(logits.float(), targets)
+    if run.prior_estimate is not None:
+        run.prior_estimate.update(logits)
+    run.scaler.scale(loss / run.recipe.grad_accum_steps).backward()
+    return loss.detach()
+
+
+def _optimizer_step(run: Training) -> None:
+    if run.recipe.clip_grad_norm:
+        run.scaler.unscale_(run.optimizer)
+        nn.utils.clip_grad_norm_(run.model.parameters(), run.recipe.clip_grad_norm)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    if run.ema is not None:
+        run.ema.update(run.model)
+
+
+def validate(run: Training, row: dict, progress: Progress) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Validation metrics of the model and of its EMA, added to `row`; their (scores, targets), gathered from
+    every process, by which weights produced them."""
+    bar = progress.add_task("validate", total=None, info="")
+    candidates = {}
+    for which, net in (("model", run.model), ("ema", run.ema.module if run.ema else None)):
+        if net is None:
+            continue
+        scores, targets = collect_scores(net, run.val_loader, run.device, run.info.task, run.recipe.data.mean,
+                                         run.recipe.data.std, run.amp_dtype, run.channels_last)
+        scores = distributed.gather_arrays(scores, run.world)
+        targets = distributed.gather_arrays(targets, run.world)
+        candidates[which] = (scores, targets)
+        row.update(compute_metrics(scores, targets, run.info.task, "val_" if which == "model" else "ema_val_"))
+    progress.remove_task(bar)
+    return candidates
+
+
+def choose_best(state: TrainState, row: dict, candidates: dict, metric_name: str) -> str | None:
+    """The raw weights and their EMA compete; returns which one ("model" or "ema") beat the best so far, if any."""
+    if not candidates:
+        return None
+    values = {which: row.get(("" if which == "model" else "ema_") + metric_name, -1.0) for which in candidates}
+    best_now = max(values, key=values.get)
+    if state.best_metric is None or values[best_now] > state.best_metric:
+        state.best_metric, state.best_epoch, state.epochs_without_improvement = values[best_now], state.epoch, 0
+        return best_now
+    state.epochs_without_improvement += 1
+    return None
+
+
+def save_epoch(run: Training, state: TrainState, improved_by: str | None, candidates: dict) -> None:
+    """last.pt, and best.pt when the epoch improved: the winning weights, with tuned thresholds (multi-label)."""
+    save_checkpoint(_last_checkpoint(run, state), run.run_dir / "last.pt")
+    if improved_by is None:
+        return
+    thresholds = None
+    if run.info.task == MULTI_LABEL:
+        thresholds = tune_thresholds(*candidates[improved_by]).tolist()
+    winner = run.ema.module if improved_by == "ema" else run.model
+    info = dataclasses.replace(run.info, thresholds=thresholds)
+    save_checkpoint(RunCheckpoint(info, winner.state_dict()), run.run_dir / "best.pt")
+
+
+def _last_checkpoint(run: Training, state: TrainState) -> RunCheckpoint:
+    """Everything a resumed run needs."""
+    optimization = OptimizerState(run.optimizer.state_dict(), run.scheduler.state_dict(), run.scaler.state_dict(),
+                                  rng_state())
+    return RunCheckpoint(run.info, run.model.state_dict(), run.ema.state_dict() if run.ema else None,
+                         "ema" if run.ema else "model", dataclasses.replace(state), optimization)
 
 
 def _describe_partial(partial: str, recipe: Recipe) -> str:
@@ -491,13 +561,14 @@ def _describe_partial(partial: str, recipe: Recipe) -> str:
     return f"selective, ignored during the first {recipe.loss.prior_epochs} epoch(s), which estimate the label prior"
 
 
-def _finish_prior(estimate: partial_labels.PriorEstimate, world: World, device: torch.device, run_dir: Path,
-                  class_names: list[str]) -> list[float]:
+def _finish_prior(run: Training) -> list[float]:
     """The label prior from every rank's sums; rank 0 writes it as the run's class_prior.csv."""
-    *total, count = distributed.all_reduce_sum(estimate.state()["total"] + [float(estimate.count)], world, device)
+    estimate = run.prior_estimate
+    *total, count = distributed.all_reduce_sum(estimate.state()["total"] + [float(estimate.count)], run.world,
+                                               run.device)
     prior = (np.asarray(total) / max(count, 1.0)).tolist()
-    if world.is_main:
-        partial_labels.write_prior(run_dir / partial_labels.PRIOR_FILE, class_names, np.asarray(prior))
+    if run.world.is_main:
+        partial_labels.write_prior(run.run_dir / partial_labels.PRIOR_FILE, run.info.class_names, np.asarray(prior))
     return prior
 
 

@@ -7,19 +7,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import cv2
 
 from tresfinetune.datasets import local, official, openimages  # noqa: F401  (importing them registers their sources)
 from tresfinetune.datasets.images import UnreadableImage, load_image
 from tresfinetune.datasets.loaders import ImageDataset, build_loaders
-from tresfinetune.datasets.source import MULTI_LABEL, SINGLE_LABEL, DataSource, Sample, registered_names, source_info
+from tresfinetune.datasets.source import DataSource, Sample, build_source, registered_names
 from tresfinetune.datasets.transforms import build_transforms
-
-if TYPE_CHECKING:
-    from tresfinetune.recipe import DataConfig
-
+from tresfinetune.tasks import MULTI_LABEL, SINGLE_LABEL
 
 # OpenCV's thread pool does not survive fork(): a DataLoader worker forked after this process ran a parallel OpenCV
 # op (build_transforms' check of the pipeline does) hangs for ever. The loader workers provide the parallelism.
@@ -29,13 +24,6 @@ cv2.setNumThreads(1)
 def source_names() -> list[str]:
     """Names accepted by data.name."""
     return registered_names()
-
-
-def build_source(data_cfg: DataConfig) -> DataSource:
-    """The dataset described by a recipe's `data` section (UserError for a missing or malformed one)."""
-    source = source_info(data_cfg.name).build(data_cfg)
-    source.limit = data_cfg.limit
-    return source
 
 
 __all__ = ["DataSource", "Sample", "SINGLE_LABEL", "MULTI_LABEL", "source_names", "build_source", "build_transforms",

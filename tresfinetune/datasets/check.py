@@ -25,7 +25,8 @@ from rich.progress import Progress
 from rich.table import Table
 
 from tresfinetune.datasets.images import UnreadableImage, load_image
-from tresfinetune.datasets.source import MULTI_LABEL, DataSource, Sample, count_labels
+from tresfinetune.datasets.source import DataSource, Sample, count_labels
+from tresfinetune.tasks import MULTI_LABEL
 
 if TYPE_CHECKING:
     from tresfinetune.recipe import Recipe

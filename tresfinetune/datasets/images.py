@@ -20,6 +20,8 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
+from tresfinetune.files import write_atomic
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 
 _cv2_quiet = False
@@ -135,10 +137,7 @@ class DecodedImageCache:
         image = load_image(path, fits)
         try:
             entry.parent.mkdir(parents=True, exist_ok=True)
-            partial = entry.with_name(f"{key}.{os.getpid()}.partial")
-            with open(partial, "wb") as f:
-                np.save(f, image)
-            os.replace(partial, entry)
+            write_atomic(entry, lambda f: np.save(f, image), durable=False)
         except OSError:  # a full or read-only disk only costs speed
             pass
         return image

@@ -22,8 +22,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from tresfinetune.datasets.images import DecodedImageCache, UnreadableImage, load_image
-from tresfinetune.datasets.source import MULTI_LABEL, DataSource, Sample
+from tresfinetune.datasets.source import DataSource, Sample, build_source
+from tresfinetune.datasets.transforms import build_transforms
 from tresfinetune.errors import UserError
+from tresfinetune.tasks import MULTI_LABEL
 
 if TYPE_CHECKING:
     from tresfinetune.recipe import Recipe
@@ -180,9 +182,6 @@ def build_loaders(recipe: Recipe, source: DataSource | None = None, rank: int = 
 
     The training sampler always has set_epoch(epoch); call it before each epoch.
     """
-    from tresfinetune.datasets import build_source
-    from tresfinetune.datasets.transforms import build_transforms
-
     if source is None:
         source = build_source(recipe.data)
     train_samples = source.split(recipe.data.train_split)

@@ -13,8 +13,6 @@ import numpy as np
 
 from tresfinetune.datasets.images import is_image_file, list_images
 from tresfinetune.datasets.source import (
-    MULTI_LABEL,
-    SINGLE_LABEL,
     DataSource,
     LazySplits,
     Sample,
@@ -25,6 +23,7 @@ from tresfinetune.datasets.source import (
     seeded_split,
 )
 from tresfinetune.errors import UserError
+from tresfinetune.tasks import MULTI_LABEL, SINGLE_LABEL
 
 log = logging.getLogger("tresfinetune")
 

@@ -18,8 +18,6 @@ import scipy.io
 
 from tresfinetune.datasets.download import RemoteFile, fetch
 from tresfinetune.datasets.source import (
-    MULTI_LABEL,
-    SINGLE_LABEL,
     DataSource,
     LazySplits,
     Sample,
@@ -30,6 +28,7 @@ from tresfinetune.datasets.source import (
     require_root,
 )
 from tresfinetune.errors import UserError
+from tresfinetune.tasks import MULTI_LABEL, SINGLE_LABEL
 
 log = logging.getLogger("tresfinetune")
 

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from tresfinetune.datasets.source import (
-    MULTI_LABEL,
     DataSource,
     LazySplits,
     Sample,
@@ -30,6 +29,7 @@ from tresfinetune.datasets.source import (
     require_root,
 )
 from tresfinetune.errors import UserError
+from tresfinetune.tasks import MULTI_LABEL
 
 log = logging.getLogger("tresfinetune")
 

@@ -20,11 +20,10 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from tresfinetune.errors import UserError
+from tresfinetune.recipe import DataConfig
 
 log = logging.getLogger("tresfinetune")
 
-SINGLE_LABEL = "single-label"
-MULTI_LABEL = "multi-label"
 
 
 class Sample(NamedTuple):
@@ -112,6 +111,13 @@ def source_info(name: str) -> SourceInfo:
 
 def registered_names() -> list[str]:
     return list(_REGISTRY)
+
+
+def build_source(data_cfg: DataConfig) -> DataSource:
+    """The dataset described by a recipe's `data` section (UserError for a missing or malformed one)."""
+    source = source_info(data_cfg.name).build(data_cfg)
+    source.limit = data_cfg.limit
+    return source
 
 
 # ---- helpers shared by the sources ------------------------------------------------------------------------------

@@ -353,7 +353,8 @@ class Pipeline:
 
 def transform_spec(recipe: Recipe, train: bool) -> list:
     """The recipe's transform list for train / val (or the default for its dataset), sizes filled from input_size."""
-    from tresfinetune.datasets.source import MULTI_LABEL, source_info
+    from tresfinetune.datasets.source import source_info
+    from tresfinetune.tasks import MULTI_LABEL
 
     spec = recipe.transforms.train if train else recipe.transforms.val
     if spec is None:

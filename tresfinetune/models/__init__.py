@@ -10,9 +10,9 @@ from tresfinetune.models.convert import (
     to_ours,
 )
 from tresfinetune.models.factory import create_model, describe_models, head_arguments, list_models
-from tresfinetune.models.from_checkpoint import load_checkpoint_model
+from tresfinetune.models.from_checkpoint import TrainedModel, load_trained_model
 from tresfinetune.models.fuse import fuse_for_inference
-from tresfinetune.models.loading import load_weights, read_weights
+from tresfinetune.models.loading import load_weights, read_state_dict
 from tresfinetune.models.ml_decoder import MLDecoderHead
 from tresfinetune.models.norm import NormAct, convert_sync_norm
 from tresfinetune.models.pretrained import PRETRAINED, download
@@ -23,6 +23,7 @@ __all__ = [
     "MLDecoderHead",
     "NormAct",
     "TResNet",
+    "TrainedModel",
     "authors_to_ours",
     "convert_sync_norm",
     "create_model",
@@ -33,11 +34,11 @@ __all__ = [
     "guess_architecture",
     "head_arguments",
     "list_models",
-    "load_checkpoint_model",
+    "load_trained_model",
     "load_weights",
     "ours_to_authors",
     "ours_to_timm",
-    "read_weights",
+    "read_state_dict",
     "timm_to_ours",
     "to_ours",
 ]

@@ -76,8 +76,7 @@ def _fuse_children(parent: nn.Module) -> None:
 def fuse_for_inference(model: nn.Module) -> nn.Module:
     """An eval-mode copy of `model` with norms folded into convs and the blur as a fixed conv.
 
-    The original model is not changed. Outputs match the eval-mode original to float rounding. Attributes set
-    on the model (class names, input size, ...) travel with the copy.
+    The original model is not changed. Outputs match the eval-mode original to float rounding.
     """
     fused = copy.deepcopy(model).eval()
     _fuse_children(fused)

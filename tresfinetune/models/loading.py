@@ -11,15 +11,15 @@ The head may be pooling + fc (`head.fc.*`) or ML-Decoder (`head.decoder.*`, the 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import pickle
-import re
 from pathlib import Path
 
 import torch
 
-from tresfinetune.checkpoint import CHECKPOINT_FORMAT
+from tresfinetune.checkpoint import RunCheckpoint, is_run_checkpoint
 from tresfinetune.errors import UserError
+from tresfinetune.files import WEIGHTS_HINT, read_tensor_file
 from tresfinetune.models.convert import detect_layout, guess_architecture, to_ours
 from tresfinetune.models.norm import PLAIN_BN_KEY
 from tresfinetune.models.pretrained import PRETRAINED, default_config, download
@@ -29,7 +29,6 @@ logger = logging.getLogger("tresfinetune")
 
 # What the ML_Decoder code calls the backbones it trained (SPEC section 9).
 ML_DECODER_NAMES = {"tresnet_m": "tresnet_m", "tresnet_v2_l": "tresnet_l", "tresnet_v2_xl": "tresnet_xl"}
-WEIGHTS_HINT = "pass a local weights file with --set model.weights=PATH"
 
 
 def resolve_source(source: str | Path) -> tuple[Path, str | None]:
@@ -44,48 +43,20 @@ def resolve_source(source: str | Path) -> tuple[Path, str | None]:
     return path, None
 
 
-def read_file(path: Path) -> object:
-    """The object in a .safetensors or torch file, unpickled with weights_only=True; UserError if unreadable."""
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path), device="cpu")
-        except (SafetensorError, OSError, ValueError) as e:
-            raise UserError(f"cannot read {path}: not a valid safetensors file ({e}); {WEIGHTS_HINT}") from None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        code = re.search(r"GLOBAL (\S+) was not an allowed global", str(e))
-        if code is None:
-            raise UserError(f"cannot read {path}: the file is damaged or not a PyTorch weights file") from None
-        raise UserError(
-            f"refusing to load {path}: it would call {code[1]} when unpickled, and only tensors and plain "
-            "containers are accepted; re-save just the state dict (torch.save(model.state_dict(), PATH))"
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, IndexError) as e:
-        detail = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot read {path}: the file is damaged or not a PyTorch weights file ({detail})") from None
-
-
-def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(state dict as stored, metadata) from a weights file; metadata holds what a tresfinetune checkpoint adds."""
     path = Path(path)
-    return unwrap_state_dict(read_file(path), path)
+    return unwrap_state_dict(read_tensor_file(path), path)
 
 
 def unwrap_state_dict(obj: object, path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(state dict, metadata) from a loaded file's object: the inference weights of a tresfinetune checkpoint,
     the state dict inside the authors' / ASL / 21k wrappers, without DataParallel, DDP or EMA prefixes."""
     meta: dict = {}
-    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
-        which = obj.get("inference", "model")
-        state_dict = obj.get(which)
-        if state_dict is None:
-            raise UserError(f"{path} names {which!r} weights for inference but holds none")
-        meta = {k: obj[k] for k in ("model_name", "class_names", "task", "input_size", "mean", "std", "thresholds")
-                if k in obj}
+    if is_run_checkpoint(obj):
+        checkpoint = RunCheckpoint.from_dict(obj, Path(path))
+        state_dict = checkpoint.inference_state_dict()
+        meta = {k: v for k, v in dataclasses.asdict(checkpoint.info).items() if k != "recipe"}
     elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         state_dict = obj["model"]
     elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
@@ -133,7 +104,7 @@ def _model_head(model: torch.nn.Module) -> dict:
 def read_ours(source: str | Path) -> tuple[dict[str, torch.Tensor], dict, Path, str | None, bool]:
     """(state dict in our layout, metadata, file path, tag or None, whether the file used timm's layout)."""
     path, tag = resolve_source(source)
-    stored, meta = read_weights(path)
+    stored, meta = read_state_dict(path)
     try:
         state_dict = to_ours(stored)
     except ValueError as e:

@@ -11,21 +11,15 @@ Environment overrides (for mirrors, air-gapped setups and tests):
 
 from __future__ import annotations
 
-import hashlib
-import http.client
 import logging
 import os
 import re
-import tempfile
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
+from tresfinetune import files
 from tresfinetune.errors import UserError
 
 logger = logging.getLogger("tresfinetune")
@@ -173,36 +167,6 @@ def _override_url(weights: PretrainedWeights, source: WeightsFile) -> str:
     return f"{base.rstrip('/')}/{source.file_name}" if base else source.url
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _fetch(url: str, destination: Path, description: str) -> None:
-    """Stream `url` into `destination` atomically: a temp file in the same folder, renamed when complete."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    request = urllib.request.Request(url, headers={"User-Agent": "tresfinetune"})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        total = int(response.headers.get("Content-Length") or 0) or None
-        fd, tmp_name = tempfile.mkstemp(dir=destination.parent, prefix=destination.name + ".", suffix=".partial")
-        try:
-            with os.fdopen(fd, "wb") as out, Progress(
-                TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                console=Console(stderr=True), transient=True,
-            ) as progress:
-                task = progress.add_task(description, total=total)
-                while chunk := response.read(1 << 20):
-                    out.write(chunk)
-                    progress.advance(task, len(chunk))
-            os.replace(tmp_name, destination)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
-
-
 def download(tag: str) -> Path:
     """Path of the tag's weights file in the cache, fetching it first if needed (hash checked where known)."""
     weights = PRETRAINED.get(tag)
@@ -214,21 +178,10 @@ def download(tag: str) -> Path:
         if path.is_file():
             return path
         url = _override_url(weights, source)
+        logger.info("Downloading %s from %s", tag, url)
         try:
-            logger.info("Downloading %s from %s", tag, url)
-            _fetch(url, path, f"{tag}")
-        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
-            failures.append(f"{url}: {getattr(e, 'reason', None) or e}")
-            continue
-        if source.sha256_prefix and not sha256_of(path).startswith(source.sha256_prefix):
-            path.unlink()
-            raise UserError(
-                f"the file downloaded for {tag} from {url} does not match its known sha256 prefix "
-                f"{source.sha256_prefix} and was deleted; try again, or pass a local weights file with "
-                "--set model.weights=PATH"
-            )
-        return path
-    raise UserError(
-        f"could not download {tag} ({'; '.join(failures)}); pass a local weights file with --set model.weights=PATH"
-    )
-
+            return files.download(url, path, tag, "sha256" if source.sha256_prefix else None, source.sha256_prefix,
+                                  hint=files.WEIGHTS_HINT)
+        except files.DownloadError as e:
+            failures.append(str(e))
+    raise UserError(f"could not download {tag} ({'; '.join(failures)}); {files.WEIGHTS_HINT}")
