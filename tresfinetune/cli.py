@@ -277,8 +277,8 @@ def benchmark(model_name: str, input_size: int, batch_size: str, amp: bool, chan
     """Training and inference speed (img/s) and peak memory, like the paper's speed table."""
     import json
 
-    from tresfinetune.benchmark import benchmark as run_benchmark
-    from tresfinetune.benchmark import benchmark_table, parse_batch_size
+    from tresfinetune.throughput import benchmark as run_benchmark
+    from tresfinetune.throughput import benchmark_table, parse_batch_size
 
     result = run_benchmark(model_name, input_size, parse_batch_size(batch_size), amp=amp, channels_last=channels_last,
                            compile=use_compile, device=device, fused=fused, warmup=warmup, steps=steps,

@@ -20,7 +20,7 @@ import torch
 from rich.table import Table
 
 from tresfinetune.errors import UserError
-from tresfinetune.evaluation import collect_scores
+from tresfinetune.inference import collect_scores
 from tresfinetune.metrics import (
     average_precision_per_class,
     mean_average_precision,
@@ -116,11 +116,11 @@ def evaluate(
     if not samples:
         raise UserError(f"split '{split}' of dataset '{recipe.data.name}' has no images")
 
-    dataset = ImageDataset(samples, build_transforms(recipe, train=False), info.task)
     bad_images = BadImageLog("skip")
-    loader = ImageLoader(dataset, batch_size=batch_size or recipe.batch_size,
-                         num_workers=recipe.workers if workers is None else workers, shuffle=False,
-                         pin_memory=torch_device.type == "cuda", bad_images=bad_images)
+    loader = ImageLoader(ImageDataset(samples, build_transforms(recipe, train=False), info.task),
+                         batch_size=batch_size or recipe.batch_size, shuffle=False, bad_images=bad_images,
+                         num_workers=recipe.workers if workers is None else workers,
+                         pin_memory=torch_device.type == "cuda")
     model.to(torch_device)
     channels_last = recipe.channels_last and torch_device.type == "cuda"
     if channels_last:
@@ -156,12 +156,16 @@ def evaluate(
     if plot:
         folder, stem = ((json_file.parent, json_file.stem) if json_file is not None
                         else (trained.path.parent, f"eval_{split}"))
-        if info.task == SINGLE_LABEL:
-            plot_path = plot_confusion_matrix(metrics["confusion_matrix"], info.class_names,
-                                              folder / f"{stem}_confusion_matrix.png")
-        else:
-            plot_path = plot_average_precision(metrics["per_class"], folder / f"{stem}_ap_per_class.png")
+        plot_path = _plot(report, folder, stem)
     return EvaluationResult(report, plot_path, json_file)
+
+
+def _plot(report: dict, folder: Path, stem: str) -> Path:
+    """The confusion matrix (single-label) or per-class AP bars (multi-label) of a report."""
+    if report["task"] == SINGLE_LABEL:
+        return plot_confusion_matrix(report["confusion_matrix"], report["class_names"],
+                                     folder / f"{stem}_confusion_matrix.png")
+    return plot_average_precision(report["per_class"], folder / f"{stem}_ap_per_class.png")
 
 
 # ---- plots --------------------------------------------------------------------------------------------------------

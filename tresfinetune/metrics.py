@@ -16,6 +16,7 @@ import torch
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from tresfinetune.errors import UserError
+from tresfinetune.tasks import SINGLE_LABEL
 
 ArrayLike = torch.Tensor | np.ndarray
 
@@ -266,3 +267,18 @@ def single_label_report(scores: ArrayLike, targets: ArrayLike, class_names: Sequ
         ],
         "confusion_matrix": confusion_matrix(labels, predicted, labels=class_ids).tolist(),
     }
+
+
+def compute_metrics(scores: np.ndarray, targets: np.ndarray, task: str, prefix: str = "val_") -> dict[str, float]:
+    """top-1/top-5 for single-label, mAP for multi-label; percent."""
+    if len(scores) == 0:
+        return {}
+    if task == SINGLE_LABEL:
+        accuracy = topk_accuracy(scores, targets, ks=(1, 5))
+        return {f"{prefix}top1": accuracy[1], f"{prefix}top5": accuracy[5]}
+    return {f"{prefix}map": mean_average_precision(scores, targets)}
+
+
+def main_metric(task: str) -> str:
+    """The metric that picks the best checkpoint and drives early stopping."""
+    return "val_top1" if task == SINGLE_LABEL else "val_map"

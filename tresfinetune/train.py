@@ -46,9 +46,9 @@ from tresfinetune.datasets.source import has_unknown_labels
 from tresfinetune.datasets.transforms import to_model_input
 from tresfinetune.distributed import World
 from tresfinetune.errors import UserError
-from tresfinetune.evaluation import collect_scores, compute_metrics, main_metric
+from tresfinetune.inference import collect_scores
 from tresfinetune.losses import PartialLabelLoss, build_loss
-from tresfinetune.metrics import tune_thresholds
+from tresfinetune.metrics import compute_metrics, main_metric, tune_thresholds
 from tresfinetune.models import convert_sync_norm, create_model, head_arguments
 from tresfinetune.optim import Mixup, ModelEma, build_optimizer, build_scheduler
 from tresfinetune.recipe import Recipe, model_head_arguments, recipe_to_dict

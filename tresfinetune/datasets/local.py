@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -152,63 +153,23 @@ def build_multilabel_csv(data_cfg: Any) -> DataSource:
     _no_download(data_cfg, "multilabel_csv")
     root = require_root(data_cfg.root, "multilabel_csv")
     csv_path = _find_csv(data_cfg, root)
-    try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as f:
-            rows = [row for row in csv.reader(f, delimiter=data_cfg.csv_delimiter) if any(c.strip() for c in row)]
-    except UnicodeDecodeError:
-        raise UserError(f"label file '{csv_path}' is not UTF-8 text") from None
-    if len(rows) < 2:
-        raise UserError(f"label file '{csv_path}' needs a header row and at least one data row")
-    header = [h.strip() for h in rows[0]]
-    lowered = [h.lower() for h in header]
-    file_col = next((lowered.index(n) for n in FILE_COLUMNS if n in lowered), 0)
-    split_col = lowered.index("split") if "split" in lowered else None
-    negative_col = None
-    if data_cfg.negative_column:
-        if data_cfg.negative_column.strip().lower() not in lowered:
-            raise UserError(f"label file '{csv_path}' has no column '{data_cfg.negative_column}' "
-                            f"(data.negative_column); its columns are {', '.join(header)}")
-        negative_col = lowered.index(data_cfg.negative_column.strip().lower())
-    label_cols = [i for i in range(len(header)) if i not in (file_col, split_col, negative_col)]
-    if not label_cols:
-        hint = f" (check data.csv_delimiter, now {data_cfg.csv_delimiter!r})" if len(header) == 1 else ""
-        raise UserError(f"label file '{csv_path}' has no label column besides '{header[file_col]}'{hint}")
-    one_column_per_class = len(label_cols) > 1
-    if one_column_per_class and negative_col is not None:
-        raise UserError("data.negative_column goes with the `file,labels` list form; with one column per class, "
-                        "mark known-absent classes 0 and unknown ones -1 or empty")
-
-    # Per row: the positive labels, and the negative ones (None: every other class is negative).
+    rows = _read_label_rows(csv_path, data_cfg.csv_delimiter)
+    columns = _LabelColumns.from_header(rows[0], csv_path, data_cfg)
     files, label_sets, negative_sets, split_names = [], [], [], []
     for number, row in enumerate(rows[1:], start=2):
-        if len(row) != len(header):
-            raise UserError(f"{csv_path.name} row {number} has {len(row)} columns but the header has {len(header)}; "
-                            f"check data.csv_delimiter ({data_cfg.csv_delimiter!r})")
-        files.append(_resolve_image(root, row[file_col].strip(), csv_path, number))
-        negatives: set[str] | None = None
-        if one_column_per_class:
-            labels, negatives = set(), set()
-            for col in label_cols:
-                value = row[col].strip().lower()
-                if value not in TRUE_VALUES | FALSE_VALUES | UNKNOWN_VALUES:
-                    raise UserError(f"{csv_path.name} row {number}, column '{header[col]}': expected 1, 0 or -1 / "
-                                    f"empty (unknown), got '{row[col]}'")
-                if value in TRUE_VALUES:
-                    labels.add(header[col])
-                elif value in FALSE_VALUES:
-                    negatives.add(header[col])
-        else:
-            labels = _label_list(row[label_cols[0]], data_cfg.label_delimiter)
-            if negative_col is not None:
-                negatives = _label_list(row[negative_col], data_cfg.label_delimiter)
+        if len(row) != len(columns.header):
+            raise UserError(f"{csv_path.name} row {number} has {len(row)} columns but the header has "
+                            f"{len(columns.header)}; check data.csv_delimiter ({data_cfg.csv_delimiter!r})")
+        files.append(_resolve_image(root, row[columns.file].strip(), csv_path, number))
+        labels, negatives = columns.row_labels(row, f"{csv_path.name} row {number}", data_cfg.label_delimiter)
         label_sets.append(labels)
         negative_sets.append(negatives)
-        if split_col is not None:
-            split = row[split_col].strip().lower()
+        if columns.split is not None:
+            split = row[columns.split].strip().lower()
             split_names.append(SPLIT_FOLDERS.get(split, split))
 
-    if one_column_per_class:
-        class_names = [header[c] for c in label_cols]
+    if columns.one_per_class:
+        class_names = [columns.header[c] for c in columns.labels]
     else:
         class_names = sorted(set().union(*label_sets, *(n for n in negative_sets if n)), key=_natural_key)
     if not class_names:
@@ -220,21 +181,93 @@ def build_multilabel_csv(data_cfg: Any) -> DataSource:
         target = (multi_hot(positive_ids, len(class_names)) if negatives is None
                   else partial_target(positive_ids, {index[n] for n in negatives}, len(class_names)))
         samples.append(Sample(path, target))
-
-    if split_col is not None:
-        splits: dict[str, list[Sample]] = {}
-        for sample, split in zip(samples, split_names, strict=True):
-            splits.setdefault(split or "train", []).append(sample)
-        if "train" not in splits or "val" not in splits:
-            log.info("%s's split column has no %s rows; holding out data.val_fraction of train as val", csv_path.name,
-                     "train" if "train" not in splits else "val")
-            pool = splits.pop("train", []) if "train" in splits else splits.pop(next(iter(splits)))
-            train_idx, val_idx = seeded_split(None, len(pool), data_cfg.val_fraction)
-            splits["train"], splits["val"] = [pool[i] for i in train_idx], [pool[i] for i in val_idx]
-    else:
-        train_idx, val_idx = seeded_split(None, len(samples), data_cfg.val_fraction)
-        splits = {"train": [samples[i] for i in train_idx], "val": [samples[i] for i in val_idx]}
+    splits = _csv_splits(samples, split_names if columns.split is not None else None, data_cfg.val_fraction,
+                         csv_path.name)
     return DataSource(MULTI_LABEL, class_names, splits, name="multilabel_csv")
+
+
+def _read_label_rows(csv_path: Path, delimiter: str) -> list[list[str]]:
+    """The non-empty rows of a label CSV, header first."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            rows = [row for row in csv.reader(f, delimiter=delimiter) if any(c.strip() for c in row)]
+    except UnicodeDecodeError:
+        raise UserError(f"label file '{csv_path}' is not UTF-8 text") from None
+    if len(rows) < 2:
+        raise UserError(f"label file '{csv_path}' needs a header row and at least one data row")
+    return rows
+
+
+@dataclass
+class _LabelColumns:
+    """Which columns of a label CSV hold the file, the split, the labels and the known-absent labels."""
+
+    header: list[str]
+    file: int
+    split: int | None
+    negative: int | None
+    labels: list[int]
+
+    @property
+    def one_per_class(self) -> bool:
+        return len(self.labels) > 1
+
+    @classmethod
+    def from_header(cls, row: list[str], csv_path: Path, data_cfg: Any) -> _LabelColumns:
+        header = [h.strip() for h in row]
+        lowered = [h.lower() for h in header]
+        file_col = next((lowered.index(n) for n in FILE_COLUMNS if n in lowered), 0)
+        split_col = lowered.index("split") if "split" in lowered else None
+        negative_col = None
+        if data_cfg.negative_column:
+            if data_cfg.negative_column.strip().lower() not in lowered:
+                raise UserError(f"label file '{csv_path}' has no column '{data_cfg.negative_column}' "
+                                f"(data.negative_column); its columns are {', '.join(header)}")
+            negative_col = lowered.index(data_cfg.negative_column.strip().lower())
+        label_cols = [i for i in range(len(header)) if i not in (file_col, split_col, negative_col)]
+        if not label_cols:
+            hint = f" (check data.csv_delimiter, now {data_cfg.csv_delimiter!r})" if len(header) == 1 else ""
+            raise UserError(f"label file '{csv_path}' has no label column besides '{header[file_col]}'{hint}")
+        columns = cls(header, file_col, split_col, negative_col, label_cols)
+        if columns.one_per_class and negative_col is not None:
+            raise UserError("data.negative_column goes with the `file,labels` list form; with one column per class, "
+                            "mark known-absent classes 0 and unknown ones -1 or empty")
+        return columns
+
+    def row_labels(self, row: list[str], where: str, delimiter: str) -> tuple[set[str], set[str] | None]:
+        """(positive labels, negative labels) of a row; None for the negatives means every other class."""
+        if not self.one_per_class:
+            labels = _label_list(row[self.labels[0]], delimiter)
+            return labels, None if self.negative is None else _label_list(row[self.negative], delimiter)
+        labels, negatives = set(), set()
+        for col in self.labels:
+            value = row[col].strip().lower()
+            if value not in TRUE_VALUES | FALSE_VALUES | UNKNOWN_VALUES:
+                raise UserError(f"{where}, column '{self.header[col]}': expected 1, 0 or -1 / empty (unknown), got "
+                                f"'{row[col]}'")
+            if value in TRUE_VALUES:
+                labels.add(self.header[col])
+            elif value in FALSE_VALUES:
+                negatives.add(self.header[col])
+        return labels, negatives
+
+
+def _csv_splits(samples: list[Sample], split_names: list[str] | None, val_fraction: float,
+                csv_name: str) -> dict[str, list[Sample]]:
+    """Splits from the split column, or a seeded train/val split (also when the column lacks train or val)."""
+    if split_names is None:
+        train_idx, val_idx = seeded_split(None, len(samples), val_fraction)
+        return {"train": [samples[i] for i in train_idx], "val": [samples[i] for i in val_idx]}
+    splits: dict[str, list[Sample]] = {}
+    for sample, split in zip(samples, split_names, strict=True):
+        splits.setdefault(split or "train", []).append(sample)
+    if "train" not in splits or "val" not in splits:
+        log.info("%s's split column has no %s rows; holding out data.val_fraction of train as val", csv_name,
+                 "train" if "train" not in splits else "val")
+        pool = splits.pop("train", []) if "train" in splits else splits.pop(next(iter(splits)))
+        train_idx, val_idx = seeded_split(None, len(pool), val_fraction)
+        splits["train"], splits["val"] = [pool[i] for i in train_idx], [pool[i] for i in val_idx]
+    return splits
 
 
 def _label_list(text: str, delimiter: str) -> set[str]:

@@ -1,4 +1,4 @@
-"""Running a model over a loader and turning its scores into the validation metrics."""
+"""Running a model over a loader: the class probabilities and targets of every sample, for validation and evaluate."""
 
 from __future__ import annotations
 
@@ -7,9 +7,7 @@ import torch
 from torch import nn
 
 from tresfinetune.datasets.transforms import to_model_input
-from tresfinetune.metrics import mean_average_precision, topk_accuracy
 from tresfinetune.runtime import autocast, scores_from_logits
-from tresfinetune.tasks import SINGLE_LABEL
 
 
 @torch.no_grad()
@@ -43,18 +41,3 @@ def collect_scores(
     if not all_scores:
         return np.zeros((0, 0), np.float32), np.zeros((0,), np.int64)
     return np.concatenate(all_scores), np.concatenate(all_targets)
-
-
-def compute_metrics(scores: np.ndarray, targets: np.ndarray, task: str, prefix: str = "val_") -> dict[str, float]:
-    """top-1/top-5 for single-label, mAP for multi-label; percent."""
-    if len(scores) == 0:
-        return {}
-    if task == SINGLE_LABEL:
-        accuracy = topk_accuracy(scores, targets, ks=(1, 5))
-        return {f"{prefix}top1": accuracy[1], f"{prefix}top5": accuracy[5]}
-    return {f"{prefix}map": mean_average_precision(scores, targets)}
-
-
-def main_metric(task: str) -> str:
-    """The metric that picks the best checkpoint and drives early stopping."""
-    return "val_top1" if task == SINGLE_LABEL else "val_map"

@@ -6,7 +6,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from tresfinetune.benchmark import (
+from tresfinetune.cli import cli
+from tresfinetune.errors import UserError
+from tresfinetune.models import create_model
+from tresfinetune.throughput import (
     BenchmarkResult,
     benchmark,
     estimated_cpu_batch,
@@ -14,9 +17,6 @@ from tresfinetune.benchmark import (
     parse_batch_size,
     saved_activation_bytes,
 )
-from tresfinetune.cli import cli
-from tresfinetune.errors import UserError
-from tresfinetune.models import create_model
 
 # One thread: on a shared CPU, threads of one op wait for each other's preempted peers.
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -94,7 +94,7 @@ def test_cli_table_and_json(tmp_path):
 
 
 def test_library_allocation_failures_count_as_out_of_memory():
-    from tresfinetune.benchmark import is_out_of_memory
+    from tresfinetune.throughput import is_out_of_memory
 
     assert is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"))
