@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from tresfinetune.errors import UserError
-from tresfinetune.files import read_tensor_file, write_atomic
+from tresfinetune.files import read_tensor_file, write_atomic, write_failure
 
 CHECKPOINT_FORMAT = "tresfinetune-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -139,10 +139,19 @@ def deferred_interrupts() -> Iterator[None]:
 
 
 def save_checkpoint(checkpoint: RunCheckpoint, path: str | Path) -> None:
-    """Write atomically (a crash never leaves half a file), with Ctrl-C held until the file is complete."""
+    """Write atomically (a crash or a full disk never leaves half a file, and the previous one stays), with Ctrl-C
+    held until the file is complete. WriteFailed (a UserError) names the file and the cause of an OSError."""
     stored = checkpoint.to_dict()
     with deferred_interrupts():
-        write_atomic(path, lambda f: torch.save(stored, f))
+        try:
+            write_atomic(path, lambda f: torch.save(stored, f))
+        except OSError as e:
+            raise write_failure(Path(path), e) from None
+        except RuntimeError as e:  # torch.save reports a failed write as "unexpected pos ..." with the OSError below
+            cause = e.__cause__ or e.__context__
+            if isinstance(cause, OSError):
+                raise write_failure(Path(path), cause) from None
+            raise
 
 
 def load_checkpoint(path: str | Path, prefer: str = "last.pt") -> RunCheckpoint:

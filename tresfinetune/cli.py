@@ -7,6 +7,8 @@ Every command is a thin wrapper; the work happens in functions a test or noteboo
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
 from functools import wraps
 from typing import TYPE_CHECKING
@@ -20,7 +22,7 @@ from tresfinetune.distributed import error_prefix
 from tresfinetune.errors import UserError
 
 if TYPE_CHECKING:
-    from tresfinetune.train import TrainResult
+    from tresfinetune.train import TrainingInterrupted, TrainResult
 
 console = Console()
 err_console = Console(stderr=True)
@@ -87,10 +89,23 @@ def train(recipe: str | None, overrides: tuple[str, ...], output: str | None, re
     try:
         result = train_from_cli(recipe, overrides, output, resume, console=console)
     except TrainingInterrupted as e:
-        err_console.print(f"\n[yellow]Interrupted.[/] Saved {e.run_dir / 'last.pt'}; resume with:")
-        err_console.print(f"  tresfinetune train --resume {e.run_dir}", highlight=False, soft_wrap=True)
-        sys.exit(130)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
+            _print_interrupted(e)
+        sys.exit(e.exit_status)
     console.print(train_summary_table(result))
+
+
+def _print_interrupted(e: TrainingInterrupted) -> None:
+    last = e.run_dir / "last.pt"
+    name = signal.Signals(e.signum).name
+    if e.saved:
+        err_console.print(f"\n[yellow]Stopped ({name}) after a completed step.[/] Saved {last}; resume with:")
+    elif last.exists():
+        err_console.print(f"\n[yellow]Interrupted mid-step.[/] {last} holds the last step checkpoint; resume with:")
+    else:
+        err_console.print("\n[yellow]Interrupted[/] before the first checkpoint; nothing to resume.")
+        return
+    err_console.print(f"  tresfinetune train --resume {e.run_dir}", highlight=False, soft_wrap=True)
 
 
 def train_summary_table(result: TrainResult) -> Table:

@@ -106,13 +106,14 @@ def gather_arrays(array: np.ndarray, world: World) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def any_rank(flag: bool, world: World, device: torch.device) -> bool:
-    """True on every rank when `flag` is true on at least one (used to stop all ranks together)."""
+def any_rank_each(flags: list[bool], world: World, device: torch.device) -> list[bool]:
+    """For each flag, true on every rank when it is true on at least one (so all ranks stop together); one
+    collective for all of them."""
     if not world.distributed:
-        return flag
-    tensor = torch.tensor([1.0 if flag else 0.0], device=device)
+        return list(flags)
+    tensor = torch.tensor([1.0 if flag else 0.0 for flag in flags], device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item())
+    return [bool(value) for value in tensor.tolist()]
 
 
 def broadcast_object(obj: object, world: World) -> object:

@@ -3,6 +3,7 @@ without unpickling code. One implementation each, used by checkpoints, weights, 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import http.client
 import os
@@ -23,6 +24,34 @@ from tresfinetune.errors import UserError
 
 CHUNK = 1 << 20
 WEIGHTS_HINT = "pass a local weights file with --set model.weights=PATH"
+
+
+class WriteFailed(UserError):
+    """Writing a file failed for a reason outside the program (full disk, quota, read-only, permissions)."""
+
+    def __init__(self, path: Path, cause: str):
+        super().__init__(f"could not write {path}: {cause}")
+        self.path, self.cause = path, cause
+
+
+def cause_of(error: OSError, folder: Path) -> str:
+    """Why writing into `folder` failed, in words, from the OSError it raised."""
+    causes = {
+        errno.ENOSPC: f"the disk holding {folder} is full",
+        errno.EDQUOT: f"your disk quota on the disk holding {folder} is used up",
+        errno.EROFS: f"{folder} is on a read-only file system",
+        errno.EACCES: f"there is no permission to write in {folder}",
+        errno.EPERM: f"there is no permission to write in {folder}",
+        errno.EFBIG: "the file would be larger than this process may write (see ulimit -f)",
+        errno.ENOENT: f"the folder {folder} does not exist (any more)",
+        errno.ENOTDIR: f"{folder} is not a folder",
+    }
+    return causes.get(error.errno, error.strerror or str(error))
+
+
+def write_failure(path: Path, error: OSError) -> WriteFailed:
+    """WriteFailed naming the file and the cause, from the OSError that writing it raised."""
+    return WriteFailed(path, cause_of(error, path.parent))
 
 
 def write_atomic(path: str | Path, write: Callable[[BinaryIO], None], durable: bool = True) -> None:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from tresfinetune.errors import UserError
+from tresfinetune.files import write_failure
 
 PRIOR_FILE = "class_prior.csv"  # written into the run folder
 
@@ -50,10 +51,13 @@ class PriorEstimate:
 
 def write_prior(path: Path, class_names: list[str], prior: np.ndarray) -> None:
     """The reference code's layout: a header row, then one `class,prior` row per class."""
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["class", "prior"])
-        writer.writerows((name, f"{value:.6g}") for name, value in zip(class_names, prior, strict=True))
+    try:
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["class", "prior"])
+            writer.writerows((name, f"{value:.6g}") for name, value in zip(class_names, prior, strict=True))
+    except OSError as e:
+        raise write_failure(path, e) from None
 
 
 def read_prior(path: str | Path, class_names: list[str]) -> np.ndarray:

@@ -20,6 +20,7 @@ from typing import Any, Union
 import yaml
 
 from tresfinetune.errors import UserError
+from tresfinetune.stopping import parse_checkpoint_every
 
 
 @dataclass
@@ -140,6 +141,8 @@ class Recipe:
     clip_grad_norm: float | None = None
     freeze_backbone_epochs: int = 0  # train only the head for the first N epochs
     early_stopping_patience: int | None = None  # epochs without improvement before stopping
+    # last.pt inside epochs too: every N optimizer steps ("500") or every duration ("90s", "10m", "1h")
+    checkpoint_every: str = "10m"
     sync_bn: bool = False  # torchrun: synchronise norm statistics across processes
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     val_every: int = 1  # validate every N epochs (and always after the last)
@@ -372,6 +375,11 @@ def check_values(recipe: Recipe) -> None:
         )
     if not recipe.device.startswith(("auto", "cpu", "cuda")):
         raise UserError(f"recipe key 'device' must be auto, cpu, cuda or cuda:N, got {recipe.device!r}")
+    try:
+        parse_checkpoint_every(recipe.checkpoint_every)
+    except ValueError:
+        raise UserError(f"recipe key 'checkpoint_every' must be a number of optimizer steps (e.g. 500) or a duration "
+                        f"(90s, 10m, 1h), got {recipe.checkpoint_every!r}") from None
     if not 0 < recipe.transforms.crop_pct <= 1:
         raise UserError(f"recipe key 'transforms.crop_pct' must be in (0, 1] (e.g. 0.875: resize 224 / 0.875 = 256, "
                         f"then crop 224), got {recipe.transforms.crop_pct}")

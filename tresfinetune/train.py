@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import math
 import os
 import random
+import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -46,6 +48,7 @@ from tresfinetune.datasets.source import has_unknown_labels
 from tresfinetune.datasets.transforms import to_model_input
 from tresfinetune.distributed import World
 from tresfinetune.errors import UserError
+from tresfinetune.files import WriteFailed, cause_of, write_atomic, write_failure
 from tresfinetune.inference import collect_scores
 from tresfinetune.losses import PartialLabelLoss, build_loss
 from tresfinetune.metrics import compute_metrics, main_metric, tune_thresholds
@@ -54,15 +57,21 @@ from tresfinetune.optim import Mixup, ModelEma, build_optimizer, build_scheduler
 from tresfinetune.recipe import Recipe, model_head_arguments, recipe_to_dict
 from tresfinetune.recipes import load_recipe, recipe_from_dict
 from tresfinetune.runtime import amp_dtype_for, autocast, resolve_device, unwrap_model
+from tresfinetune.stopping import StopRequests, parse_checkpoint_every
 from tresfinetune.tasks import MULTI_LABEL, SINGLE_LABEL
 
 
 class TrainingInterrupted(Exception):
-    """Ctrl-C (or SIGTERM) during training; `last.pt` was saved and the run can be resumed."""
+    """Ctrl-C, SIGTERM or SIGUSR1 stopped training; `saved` tells whether last.pt was written at the step it
+    stopped (else last.pt is the last step checkpoint, if any)."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, signum: int = signal.SIGINT, saved: bool = True):
         super().__init__(f"interrupted; resume with: tresfinetune train --resume {run_dir}")
-        self.run_dir = run_dir
+        self.run_dir, self.signum, self.saved = run_dir, signum, saved
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + self.signum  # the shell's convention for a process ended by a signal
 
 
 @dataclass
@@ -103,6 +112,9 @@ class Training:
     prior_estimate: partial_labels.PriorEstimate | None = None
     train_model: nn.Module | None = None  # what the step calls: the model, in DDP and compiled as asked
     searching_unused: bool = False  # DDP looks for parameters without gradient (while the backbone is frozen)
+    stop: StopRequests = field(default_factory=StopRequests)
+    steps_done: int = 0  # optimizer steps in this process's lifetime
+    last_saved: tuple[int, float] = (0, 0.0)  # (steps_done, time.monotonic()) when last.pt was last written
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -154,9 +166,7 @@ class RunLog:
 
     def add(self, row: dict) -> None:
         self.rows.append(row)
-        with self.jsonl.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        self._write_csv()
+        self._rewrite()
         if self.tensorboard is not None:
             for key, value in row.items():
                 if key != "epoch" and isinstance(value, (int, float)):
@@ -164,15 +174,18 @@ class RunLog:
             self.tensorboard.flush()
 
     def _rewrite(self) -> None:
-        self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
-        self._write_csv()
-
-    def _write_csv(self) -> None:
+        """Both files whole and atomically: a full disk leaves the previous ones, never half a row."""
         keys = list(dict.fromkeys(k for row in self.rows for k in row))
-        with self.csv.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(self.rows)
+        table = io.StringIO()
+        writer = csv.DictWriter(table, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        lines = "".join(json.dumps(r) + "\n" for r in self.rows)
+        for path, text in ((self.jsonl, lines), (self.csv, table.getvalue())):
+            try:
+                write_atomic(path, lambda f, text=text: f.write(text.encode()))
+            except OSError as e:
+                raise write_failure(path, e) from None
 
     def close(self) -> None:
         if self.tensorboard is not None:
@@ -259,19 +272,26 @@ def _train(recipe: Recipe, run_dir: Path, ckpt: RunCheckpoint | None, device: to
     seed_everything(recipe.seed, recipe.deterministic)
     run = _build(recipe, run_dir, ckpt, device, world)
     state = _restore(run, ckpt, console)
-    # The run folder appears only once data, weights and model are known to be good: a failed start leaves nothing.
-    if world.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
-        console.print(_start_line(run))
-    run_log = RunLog(run_dir, state.epoch if ckpt is not None else None) if world.is_main else None
-    result = TrainResult(run_dir, run_log.rows if run_log else [], state.best_metric, state.best_epoch)
+    run_log = None
     try:
-        _run_epochs(run, state, result, run_log, console, show_progress)
-    except KeyboardInterrupt:
+        # The run folder appears only once data, weights and model are known to be good: a failed start leaves
+        # nothing.
         if world.is_main:
-            save_checkpoint(_last_checkpoint(run, state), run_dir / "last.pt")
-        raise TrainingInterrupted(run_dir) from None
+            _create_run_dir(run_dir)
+            _write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+            console.print(_start_line(run))
+            run_log = RunLog(run_dir, state.epoch if ckpt is not None else None)
+        result = TrainResult(run_dir, run_log.rows if run_log else [], state.best_metric, state.best_epoch)
+        run.last_saved = (0, time.monotonic())
+        with run.stop:
+            _run_epochs(run, state, result, run_log, console, show_progress)
+    except _StopRequested as e:
+        raise TrainingInterrupted(run_dir, e.signum) from None
+    except KeyboardInterrupt:  # a second Ctrl-C: out now, mid-step; last.pt stays the last step checkpoint
+        raise TrainingInterrupted(run_dir, saved=False) from None
+    except WriteFailed as e:
+        raise UserError(f"{e}. The checkpoints already written are intact: once there is room (or the run folder "
+                        f"has moved), resume with: tresfinetune train --resume {run_dir}", shared=True) from None
     except _NonFiniteLoss as e:
         raise UserError(
             f"the training loss became NaN/inf at epoch {e.epoch + 1}, batch {e.step + 1}; stopped. The last good "
@@ -282,6 +302,22 @@ def _train(recipe: Recipe, run_dir: Path, ckpt: RunCheckpoint | None, device: to
         if run_log is not None:
             run_log.close()
     return result
+
+
+def _create_run_dir(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        existing = next(p for p in (run_dir, *run_dir.parents) if p.exists() or p == Path(p.anchor))
+        cause = f"{existing} is a file, not a folder" if not existing.is_dir() else cause_of(e, existing)
+        raise UserError(f"cannot create the run folder {run_dir}: {cause}; pick another place with -o") from None
+
+
+def _write_text(path: Path, text: str) -> None:
+    try:
+        path.write_text(text)
+    except OSError as e:
+        raise write_failure(path, e) from None
 
 
 def _build(recipe: Recipe, run_dir: Path, ckpt: RunCheckpoint | None, device: torch.device,
@@ -405,6 +441,7 @@ def _run_epochs(run: Training, state: TrainState, result: TrainResult, run_log: 
                     run_log.add(row)
                     save_epoch(run, state, improved_by, candidates)
                     console.print(_summary_line(row, metric_name, improved_by is not None, recipe.epochs))
+            run.last_saved = (run.steps_done, time.monotonic())
             progress.update(epoch_bar, completed=epoch + 1)
             distributed.barrier(world)
             result.best_metric, result.best_epoch = state.best_metric, state.best_epoch
@@ -420,15 +457,14 @@ def train_one_epoch(run: Training, state: TrainState, epoch: int, progress: Prog
     """One pass over the training data (the rest of it when resumed mid-epoch), an optimizer step every
     `grad_accum_steps` batches. One host sync per optimizer step: reading the loss to check it."""
     recipe, world, loader = run.recipe, run.world, run.train_loader
-    _start_epoch(run, epoch)
     skip, accum = state.step, recipe.grad_accum_steps
+    _start_epoch(run, epoch, skip)
     bar = progress.add_task(f"epoch {epoch + 1}", total=len(loader), completed=skip, info="")
     started, images_seen = time.perf_counter(), 0
     pending_loss, pending_count = torch.zeros((), device=run.device), 0
     run.optimizer.zero_grad(set_to_none=True)
-    for step, (images, targets) in enumerate(loader):
-        if step < skip:
-            continue  # resumed mid-epoch: these batches were already trained on
+    # Resumed mid-epoch, the sampler starts after the batches already trained on: they are not even loaded.
+    for step, (images, targets) in enumerate(loader, start=skip):
         last_of_group = (step + 1) % accum == 0 or step + 1 == len(loader)
         pending_loss += _forward_backward(run, images, targets, last_of_group)
         pending_count += 1
@@ -437,13 +473,23 @@ def train_one_epoch(run: Training, state: TrainState, epoch: int, progress: Prog
             continue
         _optimizer_step(run)
         loss_value = pending_loss.item()
-        if distributed.any_rank(not math.isfinite(loss_value), world, run.device):
+        # One collective for all ranks to agree: a NaN, a stop signal, or rank 0's clock saying last.pt is due.
+        flags = [not math.isfinite(loss_value), run.stop.requested, world.is_main and _checkpoint_time_due(run)]
+        nonfinite, stop, time_due = distributed.any_rank_each(flags, world, run.device)
+        if nonfinite:
             raise _NonFiniteLoss(epoch, step)
         state.loss_sum += loss_value
         state.loss_count += pending_count
         state.step = step + 1
         if run.prior_estimate is not None:  # after the loss's host sync, so it costs no extra wait
             state.prior_estimate = run.prior_estimate.state()
+        run.steps_done += 1
+        if stop or time_due or _checkpoint_steps_due(run):
+            if world.is_main:
+                save_checkpoint(_last_checkpoint(run, state), run.run_dir / "last.pt")
+            run.last_saved = (run.steps_done, time.monotonic())
+        if stop:  # every rank stops after the same step
+            raise _StopRequested(run.stop.signal or signal.SIGTERM)
         rate = images_seen * world.size / (time.perf_counter() - started)
         progress.update(bar, completed=step + 1, info=f"loss {loss_value / pending_count:.4f}  "
                         f"lr {run.optimizer.param_groups[0]['lr']:.2e}  {rate:.0f} img/s")
@@ -459,11 +505,13 @@ def train_one_epoch(run: Training, state: TrainState, epoch: int, progress: Prog
     return EpochStats(loss_sum / max(1.0, loss_count), seconds, images_seen)
 
 
-def _start_epoch(run: Training, epoch: int) -> None:
-    """Reshuffle for this epoch, and freeze or unfreeze the backbone."""
+def _start_epoch(run: Training, epoch: int, skip: int) -> None:
+    """Reshuffle for this epoch (starting after `skip` batches), and freeze or unfreeze the backbone."""
     loader, recipe = run.train_loader, run.recipe
     if hasattr(loader.sampler, "set_epoch"):
         loader.sampler.set_epoch(epoch)
+        if skip:
+            loader.sampler.set_start(skip * loader.batch_size)
     if hasattr(loader.dataset, "set_epoch"):
         loader.dataset.set_epoch(epoch)
     if run.searching_unused and epoch >= recipe.freeze_backbone_epochs:
@@ -489,6 +537,18 @@ def _forward_backward(run: Training, images: torch.Tensor, targets: torch.Tensor
         run.prior_estimate.update(logits)
     run.scaler.scale(loss / run.recipe.grad_accum_steps).backward()
     return loss.detach()
+
+
+def _checkpoint_steps_due(run: Training) -> bool:
+    """checkpoint_every: N optimizer steps since last.pt was written (after this step's count)."""
+    every_steps, _ = parse_checkpoint_every(run.recipe.checkpoint_every)
+    return every_steps is not None and run.steps_done - run.last_saved[0] >= every_steps
+
+
+def _checkpoint_time_due(run: Training) -> bool:
+    """checkpoint_every: a duration since last.pt was written (rank 0's clock decides for every rank)."""
+    _, every_seconds = parse_checkpoint_every(run.recipe.checkpoint_every)
+    return every_seconds is not None and time.monotonic() - run.last_saved[1] >= every_seconds
 
 
 def _optimizer_step(run: Training) -> None:
@@ -570,6 +630,11 @@ def _finish_prior(run: Training) -> list[float]:
     if run.world.is_main:
         partial_labels.write_prior(run.run_dir / partial_labels.PRIOR_FILE, run.info.class_names, np.asarray(prior))
     return prior
+
+
+class _StopRequested(Exception):
+    def __init__(self, signum: int):
+        self.signum = signum
 
 
 class _NonFiniteLoss(Exception):

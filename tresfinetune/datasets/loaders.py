@@ -101,15 +101,20 @@ class TrainSampler(Sampler):
     def __init__(self, size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
         self.size, self.seed, self.rank, self.world_size = size, seed, rank, world_size
         self.epoch = 0
+        self.start = 0
         self.per_rank = math.ceil(size / world_size) if size else 0
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.epoch, self.start = epoch, 0
+
+    def set_start(self, position: int) -> None:
+        """Begin this epoch's order at `position` (a resumed run): the samples before it are not loaded at all."""
+        self.start = position
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         order = np.random.default_rng([self.seed & 0xFFFFFFFF, self.epoch]).permutation(self.size).tolist()
         padded = order + order[: self.per_rank * self.world_size - self.size]
-        return iter((index, self.epoch) for index in padded[self.rank :: self.world_size])
+        return iter((index, self.epoch) for index in padded[self.rank :: self.world_size][self.start :])
 
     def __len__(self) -> int:
         return self.per_rank
