@@ -20,6 +20,7 @@ import torch
 from rich.table import Table
 
 from tresfinetune.errors import UserError
+from tresfinetune.files import save_figure, write_text
 from tresfinetune.inference import collect_scores
 from tresfinetune.metrics import (
     average_precision_per_class,
@@ -151,7 +152,7 @@ def evaluate(
     if json_file is not None:
         if not json_file.parent.is_dir():
             raise UserError(f"the folder of --json '{json_file}' does not exist; create it first")
-        json_file.write_text(json.dumps(report, indent=2) + "\n")
+        write_text(json_file, json.dumps(report, indent=2) + "\n")
     plot_path = None
     if plot:
         folder, stem = ((json_file.parent, json_file.stem) if json_file is not None
@@ -199,7 +200,7 @@ def plot_confusion_matrix(matrix: list[list[int]], class_names: list[str], path:
     ax.set_ylabel("true class")
     ax.set_title("Confusion matrix")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -221,7 +222,7 @@ def plot_average_precision(per_class: list[dict], path: Path) -> Path:
     mean_ap = float(np.mean([r["ap"] for r in rows])) if rows else float("nan")
     ax.set_title(f"Per-class AP (mAP {mean_ap:.2f})")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 

@@ -54,6 +54,22 @@ def write_failure(path: Path, error: OSError) -> WriteFailed:
     return WriteFailed(path, cause_of(error, path.parent))
 
 
+def write_text(path: Path, text: str) -> None:
+    """A small text file (report, metrics, recipe); WriteFailed names the file and the cause."""
+    try:
+        write_atomic(path, lambda f: f.write(text.encode()))
+    except OSError as e:
+        raise write_failure(path, e) from None
+
+
+def save_figure(figure: object, path: Path) -> None:
+    """A matplotlib figure as PNG; WriteFailed names the file and the cause."""
+    try:
+        figure.savefig(path, dpi=100)
+    except OSError as e:
+        raise write_failure(path, e) from None
+
+
 def write_atomic(path: str | Path, write: Callable[[BinaryIO], None], durable: bool = True) -> None:
     """Call `write` on a temporary file in `path`'s folder, then rename it to `path`: a crash never leaves half a
     file under the final name, and the temporary file never outlives a failure. `durable` also flushes the file

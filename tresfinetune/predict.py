@@ -12,6 +12,7 @@ given threshold).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ from tresfinetune.checkpoint import RunInfo
 from tresfinetune.datasets.images import UnreadableImage, list_images, load_image
 from tresfinetune.datasets.transforms import to_model_input
 from tresfinetune.errors import UserError
+from tresfinetune.files import write_text
 from tresfinetune.runtime import resolve_device, scores_from_logits
 from tresfinetune.tasks import MULTI_LABEL
 
@@ -228,16 +230,17 @@ def write_predictions(result: PredictionResult, output: str | Path) -> Path:
         document = {"checkpoint": str(result.checkpoint), "task": result.task, "class_names": result.class_names,
                     "thresholds": result.thresholds, "predictions": records,
                     "unreadable": [{"path": path, "reason": reason} for path, reason in result.unreadable]}
-        output.write_text(json.dumps(document, indent=2) + "\n")
+        write_text(output, json.dumps(document, indent=2) + "\n")
     elif suffix == ".jsonl":
-        output.write_text("".join(json.dumps(record) + "\n" for record in records))
+        write_text(output, "".join(json.dumps(record) + "\n" for record in records))
     else:
-        with open(output, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["path", "labels", "probabilities", "top_label", "top_probability"])
-            for r in records:
-                writer.writerow([r["path"], ";".join(r["labels"]), ";".join(f"{p:.6f}" for p in r["probabilities"]),
-                                 r["top_label"], f"{r['top_probability']:.6f}"])
+        table = io.StringIO()
+        writer = csv.writer(table)
+        writer.writerow(["path", "labels", "probabilities", "top_label", "top_probability"])
+        for r in records:
+            writer.writerow([r["path"], ";".join(r["labels"]), ";".join(f"{p:.6f}" for p in r["probabilities"]),
+                             r["top_label"], f"{r['top_probability']:.6f}"])
+        write_text(output, table.getvalue())
     return output
 
 

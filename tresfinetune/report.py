@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from tresfinetune.errors import UserError
+from tresfinetune.files import save_figure
 
 # Validation columns in the order they are drawn; the EMA weights' values are dashed next to the raw weights'.
 VALIDATION_METRICS = {
@@ -69,7 +70,7 @@ def write_report(run_dir: str | Path, output: str | Path | None = None) -> list[
 
     def save(fig, name: str) -> None:
         fig.tight_layout()
-        fig.savefig(folder / name, dpi=100)
+        save_figure(fig, folder / name)
         plt.close(fig)
         written.append(folder / name)
 

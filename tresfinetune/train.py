@@ -48,7 +48,7 @@ from tresfinetune.datasets.source import has_unknown_labels
 from tresfinetune.datasets.transforms import to_model_input
 from tresfinetune.distributed import World
 from tresfinetune.errors import UserError
-from tresfinetune.files import WriteFailed, cause_of, write_atomic, write_failure
+from tresfinetune.files import WriteFailed, cause_of, write_text
 from tresfinetune.inference import collect_scores
 from tresfinetune.losses import PartialLabelLoss, build_loss
 from tresfinetune.metrics import compute_metrics, main_metric, tune_thresholds
@@ -180,12 +180,8 @@ class RunLog:
         writer = csv.DictWriter(table, fieldnames=keys)
         writer.writeheader()
         writer.writerows(self.rows)
-        lines = "".join(json.dumps(r) + "\n" for r in self.rows)
-        for path, text in ((self.jsonl, lines), (self.csv, table.getvalue())):
-            try:
-                write_atomic(path, lambda f, text=text: f.write(text.encode()))
-            except OSError as e:
-                raise write_failure(path, e) from None
+        write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in self.rows))
+        write_text(self.csv, table.getvalue())
 
     def close(self) -> None:
         if self.tensorboard is not None:
@@ -278,7 +274,7 @@ def _train(recipe: Recipe, run_dir: Path, ckpt: RunCheckpoint | None, device: to
         # nothing.
         if world.is_main:
             _create_run_dir(run_dir)
-            _write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+            write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
             console.print(_start_line(run))
             run_log = RunLog(run_dir, state.epoch if ckpt is not None else None)
         result = TrainResult(run_dir, run_log.rows if run_log else [], state.best_metric, state.best_epoch)
@@ -311,13 +307,6 @@ def _create_run_dir(run_dir: Path) -> None:
         existing = next(p for p in (run_dir, *run_dir.parents) if p.exists() or p == Path(p.anchor))
         cause = f"{existing} is a file, not a folder" if not existing.is_dir() else cause_of(e, existing)
         raise UserError(f"cannot create the run folder {run_dir}: {cause}; pick another place with -o") from None
-
-
-def _write_text(path: Path, text: str) -> None:
-    try:
-        path.write_text(text)
-    except OSError as e:
-        raise write_failure(path, e) from None
 
 
 def _build(recipe: Recipe, run_dir: Path, ckpt: RunCheckpoint | None, device: torch.device,

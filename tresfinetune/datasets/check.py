@@ -180,6 +180,7 @@ def write_preview(recipe: Recipe, path: str | os.PathLike, source: DataSource | 
     from tresfinetune.datasets.loaders import ImageDataset, TrainSampler
     from tresfinetune.datasets.transforms import build_transforms
     from tresfinetune.errors import UserError
+    from tresfinetune.files import save_figure
 
     source = source or build_source(recipe.data)
     samples = source.split(recipe.data.train_split)
@@ -208,7 +209,7 @@ def write_preview(recipe: Recipe, path: str | os.PathLike, source: DataSource | 
     figure.tight_layout()
     path = Path(path).expanduser()
     try:
-        figure.savefig(path, dpi=100)
+        save_figure(figure, path)
     except OSError as e:
         raise UserError(f"cannot write preview '{path}': {e.strerror or e}") from None
     finally:
