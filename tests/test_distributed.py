@@ -137,3 +137,32 @@ def test_cuda_rng_states_restore_on_a_machine_with_fewer_gpus():
     states = [torch.full((4,), i, dtype=torch.uint8) for i in range(4)]
     assert [index for index, _ in restorable_cuda_states(states, 2)] == [0, 1]
     assert len(restorable_cuda_states(states, 8)) == 4
+
+
+@pytest.mark.slow
+def test_sigterm_stops_every_rank_after_the_same_step_and_rank_0_saves(tmp_path):
+    """What a scheduler does: SIGTERM to torchrun, which passes it to its processes."""
+    import signal
+    import time
+
+    from tresfinetune.checkpoint import load_checkpoint
+
+    recipe = write_recipe(tmp_path / "r.yaml", 8, data={"name": "digits", "limit": 64}, checkpoint_every="2")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "tresfinetune", "train", str(recipe), "-o", str(tmp_path / "run")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.time() + 300
+    while not (tmp_path / "run" / "last.pt").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert output.count("Stopped (SIGTERM) after a completed step") == 1, output  # rank 0 speaks for both
+    state = load_checkpoint(tmp_path / "run" / "last.pt").state
+    assert state.epoch == 0 and state.step > 2  # saved at the step the ranks agreed on, after the step checkpoint
+
+    resumed = torchrun("--standalone", "--nproc_per_node=2", "-m", "tresfinetune", "train", "--resume",
+                       str(tmp_path / "run"))
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert [r["epoch"] for r in rows(tmp_path / "run")] == [1, 2]
