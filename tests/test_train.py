@@ -236,3 +236,18 @@ def test_resume_with_another_amp_setting(tmp_path):
         result = train(resume=tmp_path / "run", overrides=[f"epochs={epochs}", f"amp={amp}"], progress=False)
         assert result.history[-1]["epoch"] == epochs
         assert math.isfinite(result.history[-1]["train_loss"])
+
+
+@pytest.mark.parametrize("total_steps", [1, 2, 3, 4, 5, 8, 10])
+def test_onecycle_schedule_runs_for_any_number_of_steps(total_steps):
+    """PyTorch's OneCycleLR divides by zero when pct_start x steps is 1 (4 steps at 0.25): tiny runs must not."""
+    from tresfinetune.optim import build_scheduler
+
+    for pct_start in (0.2, 0.25, 0.5):
+        recipe = recipe_from_dict(digits_recipe(epochs=1, schedule={"name": "onecycle", "pct_start": pct_start}))
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+        scheduler = build_scheduler(optimizer, recipe, total_steps)
+        for _ in range(total_steps):
+            optimizer.step()
+            scheduler.step()
+        assert 0 < optimizer.param_groups[0]["lr"] <= 0.1

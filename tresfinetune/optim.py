@@ -50,18 +50,25 @@ def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas)
 
 
+MIN_ONECYCLE_STEPS = 4  # a rise and a fall of two steps each
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer, recipe: Recipe, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
     """A per-optimizer-step schedule; `schedule.epochs` may be longer than the run (cut short on purpose)."""
     cfg = recipe.schedule
     total_steps = max(1, (cfg.epochs or recipe.epochs) * steps_per_epoch)
+    if cfg.name == "onecycle" and total_steps < MIN_ONECYCLE_STEPS:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)  # no cycle in so few steps
     if cfg.name == "onecycle":
+        # PyTorch's OneCycleLR divides by zero when a phase is a single step: each phase gets two at least.
+        pct_start = min(max(cfg.pct_start, 2 / total_steps), 1 - 2 / total_steps)
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer,
             max_lr=[g["lr"] for g in optimizer.param_groups],
             total_steps=total_steps,
-            pct_start=cfg.pct_start,
+            pct_start=pct_start,
             cycle_momentum=recipe.optimizer.name == "sgd",
         )
     warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)

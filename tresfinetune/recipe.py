@@ -375,6 +375,9 @@ def check_values(recipe: Recipe) -> None:
         )
     if not recipe.device.startswith(("auto", "cpu", "cuda")):
         raise UserError(f"recipe key 'device' must be auto, cpu, cuda or cuda:N, got {recipe.device!r}")
+    if not 0 < recipe.schedule.pct_start < 1:
+        raise UserError(f"recipe key 'schedule.pct_start' must be between 0 and 1 (the share of the schedule spent "
+                        f"rising), got {recipe.schedule.pct_start}")
     try:
         parse_checkpoint_every(recipe.checkpoint_every)
     except ValueError:
