@@ -12,12 +12,14 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import itertools
 import json
 import math
 import os
 import random
 import signal
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -447,13 +449,12 @@ def train_one_epoch(run: Training, state: TrainState, epoch: int, progress: Prog
     `grad_accum_steps` batches. One host sync per optimizer step: reading the loss to check it."""
     recipe, world, loader = run.recipe, run.world, run.train_loader
     skip, accum = state.step, recipe.grad_accum_steps
-    _start_epoch(run, epoch, skip)
+    batches = _start_epoch(run, epoch, skip)
     bar = progress.add_task(f"epoch {epoch + 1}", total=len(loader), completed=skip, info="")
     started, images_seen = time.perf_counter(), 0
     pending_loss, pending_count = torch.zeros((), device=run.device), 0
     run.optimizer.zero_grad(set_to_none=True)
-    # Resumed mid-epoch, the sampler starts after the batches already trained on: they are not even loaded.
-    for step, (images, targets) in enumerate(loader, start=skip):
+    for step, (images, targets) in batches:
         last_of_group = (step + 1) % accum == 0 or step + 1 == len(loader)
         pending_loss += _forward_backward(run, images, targets, last_of_group)
         pending_count += 1
@@ -494,13 +495,15 @@ def train_one_epoch(run: Training, state: TrainState, epoch: int, progress: Prog
     return EpochStats(loss_sum / max(1.0, loss_count), seconds, images_seen)
 
 
-def _start_epoch(run: Training, epoch: int, skip: int) -> None:
-    """Reshuffle for this epoch (starting after `skip` batches), and freeze or unfreeze the backbone."""
+def _start_epoch(run: Training, epoch: int, skip: int) -> Iterator[tuple[int, tuple]]:
+    """Reshuffle for this epoch, freeze or unfreeze the backbone; (step, batch) pairs from step `skip` on."""
     loader, recipe = run.train_loader, run.recipe
+    starts_later = hasattr(loader.sampler, "set_start")
     if hasattr(loader.sampler, "set_epoch"):
         loader.sampler.set_epoch(epoch)
-        if skip:
-            loader.sampler.set_start(skip * loader.batch_size)
+    if starts_later:
+        # Resumed mid-epoch, the sampler starts after the batches already trained on: they are not even loaded.
+        loader.sampler.set_start(skip * loader.batch_size)
     if hasattr(loader.dataset, "set_epoch"):
         loader.dataset.set_epoch(epoch)
     if run.searching_unused and epoch >= recipe.freeze_backbone_epochs:
@@ -509,6 +512,10 @@ def _start_epoch(run: Training, epoch: int, skip: int) -> None:
         run.train_model = _training_module(run.model, run.world, run.device, False, recipe.compile)
     run.train_model.train()
     _set_backbone_frozen(run.model, epoch < recipe.freeze_backbone_epochs)
+    if starts_later:
+        return enumerate(loader, start=skip)
+    # A stream without a sampler to start from (shards) is read through the batches already trained on.
+    return itertools.islice(enumerate(loader), skip, None)
 
 
 def _forward_backward(run: Training, images: torch.Tensor, targets: torch.Tensor,
