@@ -53,9 +53,13 @@ def photos() -> dict[str, bytes]:
         return buffer.getvalue()
 
     baseline = encode("JPEG", quality=90, exif=exif)
+    progressive = encode("JPEG", quality=90, progressive=True, exif=exif)
     png = encode("PNG")
-    return {"exif.jpg": baseline, "progressive.jpg": encode("JPEG", quality=90, progressive=True, exif=exif),
-            "trailer.jpg": baseline + PHONE_TRAILER, "photo.png": png, "trailer.png": png + b"tEXt junk after IEND"}
+    # Cut after the picture's end marker: a partial trailer, or (as in a phone's multi-picture file, whose second
+    # picture follows the first) a partial second picture; the picture itself is whole.
+    return {"exif.jpg": baseline, "progressive.jpg": progressive, "trailer.jpg": baseline + PHONE_TRAILER,
+            "trailer_cut.jpg": baseline + PHONE_TRAILER[:20], "second_cut.jpg": baseline + progressive[:5000],
+            "photo.png": png, "trailer.png": png + b"tEXt junk after IEND"}
 
 
 def cut_files(photos: dict[str, bytes]) -> dict[str, bytes]:
