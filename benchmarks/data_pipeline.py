@@ -1,6 +1,6 @@
 """Decode + augment throughput on one worker: our albumentations pipeline vs the same with torchvision.transforms.v2.
 
-    python benchmarks/data_pipeline.py [--photos small|phone|both] [--images 48] [--phone-images 12] [--repeats 5]
+    python benchmarks/data_pipeline.py [--photos small|phone|both|check] [--images 48] [--phone-images 12] [--repeats 5]
 
 Phone photos (--photos phone): 12 MP JPEGs (4032x3024, ~3 MB, made from scikit-learn's sample photos upscaled, with
 noise), in an ImageFolder layout. Timed, interleaved, on one thread in this process (what one loader worker does),
@@ -24,6 +24,12 @@ folder, then times, interleaved in one run and on one thread (as one DataLoader 
   tv2-io      torchvision.io.decode_image (also EXIF-aware) + the same v2 pipeline on tensors
 for training (RandomResizedCrop + flip) and evaluation (the default at each size) at 224 and 448, each including the
 copy into batches of 16 that a DataLoader's collate does. The tv2 pipelines end in float tensors, as usually written.
+
+The truncation check (--photos check, also part of "both"): load_image reads a JPEG into memory, walks its header to
+the first scan and looks for the end-of-image marker after it, then decodes from memory. Timed, interleaved, against
+the decode as it was before the check (OpenCV reading the file itself, Pillow reading the header for the DCT factor),
+decode only (no augmentation: the worst case for the ratio), for small and phone photos, at full size and at the DCT
+scale a 224 training pipeline allows; plus the check alone per file.
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
 
 from tresfinetune.datasets import SINGLE_LABEL, ImageDataset, Sample, build_transforms, load_image
-from tresfinetune.datasets.images import DecodedImageCache, list_images
+from tresfinetune.datasets.images import REDUCED_RGB_FLAGS, DecodedImageCache, jpeg_reduction, list_images, truncation
 from tresfinetune.datasets.loaders import collate_skipping_bad
 from tresfinetune.datasets.transforms import CROP_FRACTION, DEFAULT_CROP_SCALE, SQUISH_FROM_SIZE, to_model_input
 from tresfinetune.recipes import recipe_from_dict
@@ -199,9 +205,54 @@ def phone_benchmark(count: int, repeats: int) -> None:
                       f"{med['ours+cache'] / med['tv2']:>7.2f}x")
 
 
+def unchecked_load(path: Path, fits: Callable[[int, int], bool] | None) -> np.ndarray:
+    """The decode before truncated files were refused: OpenCV reads the file (and hides a cut end), Pillow reads the
+    header for the DCT factor."""
+    factor = jpeg_reduction(str(path), fits) if fits is not None else 1
+    return cv2.imread(str(path), REDUCED_RGB_FLAGS[factor] if factor > 1 else cv2.IMREAD_COLOR_RGB)
+
+
+def decodes_per_second(decode: Callable[[Path], np.ndarray], paths: list[Path]) -> float:
+    start = time.process_time()
+    for path in paths:
+        decode(path)
+    return len(paths) / (time.process_time() - start)
+
+
+def check_benchmark(small: int, phone: int, repeats: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        photo_sets = {"500x375": make_photos(Path(tmp), small), "12 MP": make_phone_photos(Path(tmp), phone)}
+        recipe = recipe_from_dict({"model": {"name": "tresnet_m"}, "input_size": 224, "data": {"name": "folder"}})
+        train_fits = build_transforms(recipe, train=True).decode_fits
+        print(f"truncation check: decodes per CPU second, one thread, median of {repeats} interleaved passes; "
+              f"OpenCV {cv2.__version__}")
+        header = (f"{'photos':<8} {'decode':<9} {'before':>8} {'checked':>8} {'checked/before':>14}   "
+                  f"{'check alone':>11}")
+        print(header)
+        print("-" * len(header))
+        for kind, paths in photo_sets.items():
+            contents = [path.read_bytes() for path in paths]
+            start = time.perf_counter()
+            for _ in range(20):
+                assert all(truncation(data) is None for data in contents)
+            check_us = (time.perf_counter() - start) / (20 * len(contents)) * 1e6
+            for label, fits in (("full", None), ("224 train", train_fits)):
+                runners = {"before": lambda path, fits=fits: unchecked_load(path, fits),
+                           "checked": lambda path, fits=fits: load_image(path, fits)}
+                for run in runners.values():  # warm-up
+                    run(paths[0])
+                rates: dict[str, list[float]] = {name: [] for name in runners}
+                for _ in range(repeats):
+                    for name, run in runners.items():
+                        rates[name].append(decodes_per_second(run, paths))
+                med = {name: statistics.median(r) for name, r in rates.items()}
+                print(f"{kind:<8} {label:<9} {med['before']:>8.1f} {med['checked']:>8.1f} "
+                      f"{med['checked'] / med['before']:>13.3f}x   {check_us:>8.1f} us")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--photos", choices=["small", "phone", "both"], default="both")
+    parser.add_argument("--photos", choices=["small", "phone", "both", "check"], default="both")
     parser.add_argument("--images", type=int, default=48, help="small photos")
     parser.add_argument("--phone-images", type=int, default=12, help="12 MP photos")
     parser.add_argument("--repeats", type=int, default=5)
@@ -212,6 +263,8 @@ def main() -> None:
         phone_benchmark(args.phone_images, args.repeats)
     if args.photos in ("small", "both"):
         small_benchmark(args.images, args.repeats)
+    if args.photos in ("check", "both"):
+        check_benchmark(args.images, args.phone_images, args.repeats)
 
 
 def small_benchmark(count: int, repeats: int) -> None:

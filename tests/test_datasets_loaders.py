@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from PIL import Image
 
+from tresfinetune.cli import cli
 from tresfinetune.datasets import build_loaders
 from tresfinetune.datasets.loaders import ShardSampler, TrainSampler
 from tresfinetune.errors import UserError
@@ -128,6 +130,37 @@ def test_unreadable_images_are_skipped_and_reported_once(tmp_path, tresfinetune_
     strict, _, _ = build_loaders(recipe(**{**raw, "data": {**raw["data"], "on_bad_image": "error"}}))
     with pytest.raises(UserError, match=r"cannot read image '.*(broken.jpg|empty.JPG)'.*on_bad_image: skip"):
         epoch_batches(strict, 0)
+
+
+def test_a_single_label_set_needs_two_classes_each_with_a_training_image(tmp_path, tresfinetune_log):
+    write_folder(tmp_path / "one", {"cat": 4})
+    with pytest.raises(UserError, match=r"dataset 'folder' has a single class \('cat'\); .* at least two"):
+        build_loaders(recipe(data={"name": "folder", "root": str(tmp_path / "one")}))
+
+    # Training on a split that lacks a class the data set has.
+    write_folder(tmp_path / "split" / "train", {"cat": 3, "dog": 3, "fox": 2})
+    write_folder(tmp_path / "split" / "val", {"cat": 2, "fox": 1})
+    raw = {"data": {"name": "folder", "root": str(tmp_path / "split"), "train_split": "val", "val_split": "train"}}
+    with pytest.raises(UserError, match="class 'dog' has no image in the 'val' split of dataset 'folder'"):
+        build_loaders(recipe(**raw))
+    build_loaders(recipe(data={"name": "folder", "root": str(tmp_path / "split")}))  # the right way round is fine
+
+    # data.limit's subset may leave classes out: a quick run, so a warning that names them.
+    train_loader, _, source = build_loaders(recipe(data={"name": "digits", "limit": 6}))
+    seen = {int(sample.target) for sample in source.split("train")}
+    missing = [name for i, name in enumerate(source.class_names) if i not in seen]
+    assert len(missing) >= 4 and len(train_loader.dataset) == 6
+    (warning,) = [r.getMessage() for r in tresfinetune_log.records if "data.limit" in r.getMessage()]
+    assert warning.startswith(f"data.limit 6 leaves classes '{missing[0]}'") and "'train' split" in warning
+
+
+def test_cli_refuses_a_one_class_folder_in_one_line(tmp_path):
+    write_folder(tmp_path / "one", {"cat": 4})
+    (tmp_path / "r.yaml").write_text(f"model: {{name: tresnet_m, weights: none}}\ninput_size: 32\n"
+                                     f"data: {{name: folder, root: '{tmp_path / 'one'}'}}\n")
+    result = CliRunner().invoke(cli, ["train", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "run")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "has a single class ('cat')" in " ".join(result.output.split())
 
 
 def test_multilabel_targets_are_float_multi_hot(tmp_path):

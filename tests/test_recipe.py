@@ -104,6 +104,17 @@ def test_cli_reports_recipe_problems_without_traceback(tmp_path):
     assert "give a recipe" in result.output
 
 
+@pytest.mark.parametrize("text", ["", "\n# only a comment\n", "{}\n"], ids=["blank", "comment", "no-keys"])
+def test_an_empty_recipe_is_refused(tmp_path, text):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text(text)
+    with pytest.raises(UserError, match=r"recipe '.*empty.yaml' is empty; copy one from recipes/"):
+        load_recipe(empty)
+    result = CliRunner().invoke(cli, ["train", str(empty), "-o", str(tmp_path / "run")])
+    assert result.exit_code == 1 and "is empty" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_shipped_recipe_switches_resolution_with_one_key(path):
     from tresfinetune.datasets.transforms import SIZE_ARGUMENTS, build_transforms

@@ -279,8 +279,9 @@ def read_yaml(path: str | Path) -> dict:
         raise UserError(f"recipe '{path}' is not valid YAML{where}: {problem}") from None
     except UnicodeDecodeError:
         raise UserError(f"recipe '{path}' is not a text file") from None
-    if raw is None:
-        raw = {}
+    if raw is None or raw == {}:  # the defaults alone would train on scikit-learn's digits: surely not the intent
+        raise UserError(f"recipe '{path}' is empty; copy one from recipes/ (e.g. recipes/folder.yaml for a folder of "
+                        "class folders) and edit it")
     if not isinstance(raw, dict):
         raise UserError(f"recipe '{path}' must be a YAML mapping of keys to values")
     return raw

@@ -24,7 +24,7 @@ import numpy as np
 from rich.progress import Progress
 from rich.table import Table
 
-from tresfinetune.datasets.images import UnreadableImage, load_image
+from tresfinetune.datasets.images import UnreadableImage, load_image, truncation
 from tresfinetune.datasets.source import DataSource, Sample, count_labels
 from tresfinetune.tasks import MULTI_LABEL
 
@@ -43,14 +43,17 @@ def _inspect(image: Any) -> tuple[str | None, str | None]:
             data = f.read()
     except OSError as e:
         return None, e.strerror or str(e)
+    if not data:
+        return None, "empty file"
+    reason = truncation(data)
+    if reason:
+        return None, reason
     # A reduced-size decode still walks all of a JPEG's data, so it finds broken files at a fraction of the cost.
-    if data and cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_REDUCED_COLOR_4) is None:
+    if cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_REDUCED_COLOR_4) is None:
         try:
             load_image(image)  # Pillow may read what OpenCV cannot
         except UnreadableImage as e:
             return None, e.reason
-    elif not data:
-        return None, "empty file"
     return hashlib.md5(data).hexdigest(), None
 
 

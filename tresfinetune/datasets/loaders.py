@@ -193,6 +193,7 @@ def build_loaders(recipe: Recipe, source: DataSource | None = None, rank: int = 
     val_samples = source.split(recipe.data.val_split)
     if not train_samples:
         raise UserError(f"the '{recipe.data.train_split}' split of {source.name or recipe.data.name} has no images")
+    source.check_trainable(recipe.data.train_split)  # two classes or more, each with a training image
     if not val_samples:
         raise UserError(f"the '{recipe.data.val_split}' split of {source.name or recipe.data.name} has no images; set "
                         "data.val_split to another split")

@@ -21,6 +21,7 @@ import numpy as np
 
 from tresfinetune.errors import UserError
 from tresfinetune.recipe import DataConfig
+from tresfinetune.tasks import SINGLE_LABEL
 
 log = logging.getLogger("tresfinetune")
 
@@ -80,6 +81,41 @@ class DataSource:
             keep = np.sort(np.random.default_rng(0).choice(len(samples), self.limit, replace=False))
             samples = [samples[i] for i in keep]
         return samples
+
+    def check_trainable(self, split: str) -> None:
+        """UserError unless a single-label source has two classes or more, each with an image in `split`; a class
+        left out only by data.limit's subset is a warning (a quick run on a few images is still a run)."""
+        if self.task != SINGLE_LABEL:
+            return
+        if len(self.class_names) < 2:
+            classes = f"a single class ('{self.class_names[0]}')" if self.class_names else "no classes"
+            raise UserError(f"dataset '{self.name}' has {classes}; a single-label model needs at least two to tell "
+                            "apart (a folder dataset: one sub-folder of images per class)")
+        limited = self.split(split)  # also names the available splits when `split` is not one
+        full = self.splits[self.aliases.get(split, split)]
+        missing = _classes_without_images(full, self.class_names)
+        if missing:
+            raise UserError(f"{_naming(missing)} {'has' if len(missing) == 1 else 'have'} no image in the '{split}' "
+                            f"split of dataset '{self.name}', so the model could never learn "
+                            f"{'it' if len(missing) == 1 else 'them'}; add images there or remove the class")
+        if self.limit is not None and len(full) > self.limit:
+            missing = _classes_without_images(limited, self.class_names)
+            if missing:
+                log.warning("data.limit %d leaves %s without an image in the '%s' split", self.limit,
+                            _naming(missing), split)
+
+
+def _classes_without_images(samples: list[Sample], class_names: list[str]) -> list[str]:
+    present = {int(sample.target) for sample in samples}
+    return [name for index, name in enumerate(class_names) if index not in present]
+
+
+def _naming(classes: list[str], shown: int = 5) -> str:
+    """"class 'a'" or "classes 'a', 'b' and 3 more"."""
+    if len(classes) == 1:
+        return f"class '{classes[0]}'"
+    more = f" and {len(classes) - shown} more" if len(classes) > shown else ""
+    return "classes " + ", ".join(f"'{name}'" for name in classes[:shown]) + more
 
 
 @dataclass(frozen=True)
