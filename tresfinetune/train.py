@@ -36,7 +36,7 @@ from tresfinetune.checkpoint import (
     set_rng_state,
 )
 from tresfinetune.datasets import build_loaders
-from tresfinetune.datasets.source import has_unknown_labels
+from tresfinetune.datasets.loaders import dataset_has_unknown_labels
 from tresfinetune.datasets.transforms import to_model_input
 from tresfinetune.distributed import World
 from tresfinetune.errors import UserError
@@ -246,7 +246,7 @@ def _train(
 
     loss_name = recipe.loss.name or ("cross_entropy" if task == SINGLE_LABEL else "asl")
     criterion = build_loss(loss_name, task, **recipe.loss.options)
-    has_unknowns = task == MULTI_LABEL and has_unknown_labels(train_loader.dataset.samples)
+    has_unknowns = task == MULTI_LABEL and dataset_has_unknown_labels(train_loader.dataset)
     partial = partial_labels.choose_partial_mode(recipe.loss.partial, task, has_unknowns)
     if has_unknowns or partial not in (None, "negative"):
         criterion = PartialLabelLoss(criterion, partial, recipe.loss.prior_threshold, recipe.loss.likelihood_topk,

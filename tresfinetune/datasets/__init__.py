@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import cv2
 
-from tresfinetune.datasets import local, official, openimages  # noqa: F401  (importing them registers their sources)
+from tresfinetune.datasets import local, official, openimages, shards  # noqa: F401  (importing registers the sources)
 from tresfinetune.datasets.images import UnreadableImage, load_image
 from tresfinetune.datasets.loaders import ImageDataset, build_loaders
 from tresfinetune.datasets.source import MULTI_LABEL, SINGLE_LABEL, DataSource, Sample, registered_names, source_info

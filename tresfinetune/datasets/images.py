@@ -12,6 +12,7 @@ result still fits, in either orientation. Other formats decode at full size.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -55,9 +56,9 @@ def list_images(folder: Path) -> list[Path]:
     return found
 
 
-def jpeg_reduction(path: str, fits: Callable[[int, int], bool]) -> int:
+def jpeg_reduction(path: str | io.BytesIO, fits: Callable[[int, int], bool]) -> int:
     """The largest DCT scale-down factor (8, 4 or 2) at which a JPEG file still fits in both orientations; 1 for
-    other files and when no reduction fits. Reads the file's header only."""
+    other files and when no reduction fits. Reads the file's header only (`path` may be an in-memory file)."""
     try:
         with Image.open(path) as header:
             if header.format not in JPEG_FORMATS:
@@ -72,17 +73,21 @@ def jpeg_reduction(path: str, fits: Callable[[int, int], bool]) -> int:
     return 1
 
 
+def _quiet_opencv() -> None:
+    global _cv2_quiet
+    if not _cv2_quiet:
+        # libjpeg's "Premature end of JPEG file" and similar go to stderr otherwise; we report bad files ourselves.
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+        _cv2_quiet = True
+
+
 def load_image(path: str | os.PathLike, fits: Callable[[int, int], bool] | None = None) -> np.ndarray:
     """Decode an image file to an RGB uint8 array (H, W, 3) in its EXIF orientation; UnreadableImage if it can't.
 
     `fits(width, height)`: whether an image of that size still holds every pixel the caller needs; JPEGs are then
     decoded at the smallest DCT scale that fits (see jpeg_reduction).
     """
-    global _cv2_quiet
-    if not _cv2_quiet:
-        # libjpeg's "Premature end of JPEG file" and similar go to stderr otherwise; we report bad files ourselves.
-        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
-        _cv2_quiet = True
+    _quiet_opencv()
     path = os.fspath(path)
     factor = jpeg_reduction(path, fits) if fits is not None else 1
     if factor > 1:
@@ -94,8 +99,13 @@ def load_image(path: str | os.PathLike, fits: Callable[[int, int], bool] | None 
         return image
     if not os.path.isfile(path):
         raise UnreadableImage(path, "file not found")
+    return _decode_with_pillow(path, path)
+
+
+def _decode_with_pillow(file: str | io.BytesIO, name: str) -> np.ndarray:
+    """The fallback decoder: Pillow, in EXIF orientation, 16-bit greyscale scaled to 8 bits."""
     try:
-        with Image.open(path) as pil_image:
+        with Image.open(file) as pil_image:
             pil_image = ImageOps.exif_transpose(pil_image)
             if pil_image.mode == "I;16" or pil_image.mode == "I":
                 pixels = np.asarray(pil_image, dtype=np.float32)
@@ -103,7 +113,24 @@ def load_image(path: str | os.PathLike, fits: Callable[[int, int], bool] | None 
                 return np.ascontiguousarray(np.repeat(pixels[:, :, None], 3, axis=2))
             return np.asarray(pil_image.convert("RGB"))
     except Exception as e:  # Pillow raises many types for broken files; all mean "unreadable"
-        raise UnreadableImage(path, f"{type(e).__name__}: {e}") from None
+        raise UnreadableImage(name, f"{type(e).__name__}: {e}") from None
+
+
+def decode_image(data: bytes, name: str, fits: Callable[[int, int], bool] | None = None) -> np.ndarray:
+    """load_image for an encoded image already in memory (e.g. a shard member); `name` is what errors report."""
+    if not data:
+        raise UnreadableImage(name, "empty file")
+    _quiet_opencv()
+    buffer = np.frombuffer(data, np.uint8)
+    factor = jpeg_reduction(io.BytesIO(data), fits) if fits is not None else 1
+    if factor > 1:
+        image = cv2.imdecode(buffer, REDUCED_RGB_FLAGS[factor])
+        if image is not None:
+            return image
+    image = cv2.imdecode(buffer, cv2.IMREAD_COLOR_RGB)
+    if image is not None:
+        return image
+    return _decode_with_pillow(io.BytesIO(data), name)
 
 
 class DecodedImageCache:

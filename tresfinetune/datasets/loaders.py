@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from tresfinetune.datasets.images import DecodedImageCache, UnreadableImage, load_image
-from tresfinetune.datasets.source import MULTI_LABEL, DataSource, Sample
+from tresfinetune.datasets.source import MULTI_LABEL, DataSource, Sample, has_unknown_labels
 from tresfinetune.errors import UserError
 
 if TYPE_CHECKING:
@@ -36,6 +36,7 @@ REPORT_FIRST = 5  # paths named in the skipped-images message
 class BadSample(NamedTuple):
     path: str
     reason: str
+    kind: str = "image"  # or "shard": a webdataset shard that could not be read to its end
 
 
 class ImageDataset(Dataset):
@@ -136,7 +137,7 @@ class BadImageLog:
 
     def add(self, bad: list[BadSample]) -> None:
         if bad and self.on_bad_image == "error":
-            raise UserError(f"cannot read image '{bad[0].path}' ({bad[0].reason}); fix or delete it, or set "
+            raise UserError(f"cannot read {bad[0].kind} '{bad[0].path}' ({bad[0].reason}); fix or delete it, or set "
                             "data.on_bad_image: skip to train without it")
         for item in bad:
             self.paths.setdefault(item.path, item.reason)
@@ -166,6 +167,14 @@ class ImageLoader(DataLoader):
             self.bad_images.report()
 
 
+def dataset_has_unknown_labels(dataset: Dataset) -> bool:
+    """Whether a loader's multi-label targets include unknowns (-1): listed samples are looked at, streamed shards
+    say so themselves (their dataset.json)."""
+    if hasattr(dataset, "has_unknown_labels"):
+        return dataset.has_unknown_labels
+    return has_unknown_labels(dataset.samples)
+
+
 def _worker_init(worker_id: int) -> None:
     # The augmentation is reseeded per sample; this seeds anything else a custom transform might draw from.
     seed = torch.initial_seed() % 2**32
@@ -185,6 +194,10 @@ def build_loaders(recipe: Recipe, source: DataSource | None = None, rank: int = 
 
     if source is None:
         source = build_source(recipe.data)
+    from tresfinetune.datasets.shards import ShardSource, build_shard_loaders
+
+    if isinstance(source, ShardSource):  # streamed, not indexed
+        return build_shard_loaders(recipe, source, rank, world_size, device)
     train_samples = source.split(recipe.data.train_split)
     val_samples = source.split(recipe.data.val_split)
     if not train_samples:

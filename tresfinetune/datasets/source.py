@@ -86,19 +86,22 @@ class DataSource:
 @dataclass(frozen=True)
 class SourceInfo:
     build: Callable[..., DataSource]
-    task: str
+    task: str | None  # None: it depends on the data (see detect_task)
     # Default-augmentation hints: whether horizontal flips keep the label (not for digits), and the smallest crop
     # area of the default RandomResizedCrop (None: the general default).
     hflip: bool = True
     crop_scale: tuple[float, float] | None = None
+    # For sources whose task depends on the data (webdataset shards): data config -> task, read cheaply.
+    detect_task: Callable[..., str] | None = None
 
 
 _REGISTRY: dict[str, SourceInfo] = {}
 
 
-def register(name: str, task: str, hflip: bool = True, crop_scale: tuple[float, float] | None = None) -> Callable:
+def register(name: str, task: str | None, hflip: bool = True, crop_scale: tuple[float, float] | None = None,
+             detect_task: Callable[..., str] | None = None) -> Callable:
     def add(build: Callable[..., DataSource]) -> Callable[..., DataSource]:
-        _REGISTRY[name] = SourceInfo(build, task, hflip, crop_scale)
+        _REGISTRY[name] = SourceInfo(build, task, hflip, crop_scale, detect_task)
         return build
 
     return add
@@ -108,6 +111,12 @@ def source_info(name: str) -> SourceInfo:
     if name not in _REGISTRY:
         raise UserError(f"unknown dataset '{name}'; available: {', '.join(_REGISTRY)}")
     return _REGISTRY[name]
+
+
+def source_task(data_cfg: Any) -> str:
+    """The task of the recipe's data source, without loading its samples."""
+    info = source_info(data_cfg.name)
+    return info.task if info.task is not None else info.detect_task(data_cfg)
 
 
 def registered_names() -> list[str]:
