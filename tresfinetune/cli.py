@@ -145,6 +145,8 @@ def data_check(recipe: str, overrides: tuple[str, ...], json_path: str | None, p
             console.print(f"positives / negatives / unknowns per class: see --json ({source.num_classes} classes)")
         for line in label_warnings(report):
             console.print(f"[yellow]warning:[/] {line}", highlight=False)
+    for note in report.get("notes", []):
+        console.print(f"note: {note}", highlight=False)
     if report["unreadable"]:
         shown = "\n  ".join(report["unreadable"][:10]) + ("\n  ..." if len(report["unreadable"]) > 10 else "")
         console.print(f"[red]{len(report['unreadable'])} unreadable image(s):[/]\n  {shown}", highlight=False)
