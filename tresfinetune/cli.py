@@ -207,8 +207,9 @@ def data_pack(recipe: str, overrides: tuple[str, ...], out: str, shard_size: str
                 tasks[split] = bar.add_task(f"packing {split}", total=None)
             bar.update(tasks[split], completed=done)
 
-        metadata = pack(loaded, out, shard_size, max_side, command=shlex.join(["tresfinetune", *sys.argv[1:]]),
-                        progress=progress)
+        command = ["tresfinetune", "data", "pack", recipe, *(f"--set={o}" for o in overrides), "--out", out,
+                   "--shard-size", shard_size, *(["--max-side", max_side] if max_side else [])]
+        metadata = pack(loaded, out, shard_size, max_side, command=shlex.join(command), progress=progress)
     table = Table(title=f"{out}: {metadata['task']}, {len(metadata['class_names'])} classes")
     for column in ("split", "images", "shards", "MB", "left out"):
         table.add_column(column, justify="left" if column == "split" else "right")

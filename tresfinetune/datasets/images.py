@@ -113,7 +113,8 @@ def _decode_with_pillow(file: str | io.BytesIO, name: str) -> np.ndarray:
                 return np.ascontiguousarray(np.repeat(pixels[:, :, None], 3, axis=2))
             return np.asarray(pil_image.convert("RGB"))
     except Exception as e:  # Pillow raises many types for broken files; all mean "unreadable"
-        raise UnreadableImage(name, f"{type(e).__name__}: {e}") from None
+        message = str(e) if isinstance(file, str) else str(e).replace(str(file), "image data")
+        raise UnreadableImage(name, f"{type(e).__name__}: {message}") from None
 
 
 def decode_image(data: bytes, name: str, fits: Callable[[int, int], bool] | None = None) -> np.ndarray:

@@ -133,6 +133,7 @@ class BadImageLog:
     def __init__(self, on_bad_image: str = "skip"):
         self.on_bad_image = on_bad_image
         self.paths: dict[str, str] = {}  # path -> reason, in the order met
+        self.shards: set[str] = set()  # those of `paths` that are damaged webdataset shards
         self._reported = 0
 
     def add(self, bad: list[BadSample]) -> None:
@@ -141,13 +142,18 @@ class BadImageLog:
                             "data.on_bad_image: skip to train without it")
         for item in bad:
             self.paths.setdefault(item.path, item.reason)
+            if item.kind == "shard":
+                self.shards.add(item.path)
 
     def report(self) -> None:
         new = list(self.paths)[self._reported:]
-        if new:
-            shown = ", ".join(new[:REPORT_FIRST]) + (", ..." if len(new) > REPORT_FIRST else "")
-            log.warning("skipped %d unreadable image(s): %s", len(new), shown)
-            self._reported = len(self.paths)
+        images = [path for path in new if path not in self.shards]
+        if images:
+            shown = ", ".join(images[:REPORT_FIRST]) + (", ..." if len(images) > REPORT_FIRST else "")
+            log.warning("skipped %d unreadable image(s): %s", len(images), shown)
+        for shard in (path for path in new if path in self.shards):
+            log.warning("skipped the rest of shard %s: %s", shard, self.paths[shard])
+        self._reported = len(self.paths)
 
 
 class ImageLoader(DataLoader):

@@ -154,10 +154,12 @@ class ImageEncoder:
         try:
             with Image.open(io.BytesIO(data)) as header:
                 width, height = header.size
-        except Exception:
-            width = height = 0  # not something Pillow knows: decode_image decides
+        except Exception:  # not something Pillow reads: decode it to find out (UnreadableImage for a broken file)
+            pixels = decode_image(data, image)
+            shrunk = self._shrink(pixels)
+            return (data, extension) if shrunk is pixels else (_encode(shrunk, ".jpg"), "jpg")
         side = self.target_side(width, height)
-        if width and side >= max(width, height):
+        if side >= max(width, height):
             # Stored as it is: check it decodes (a reduced decode still walks all of a JPEG's data).
             if cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_REDUCED_COLOR_4) is None:
                 decode_image(data, image)

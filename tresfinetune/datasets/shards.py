@@ -407,12 +407,18 @@ class ShardStream(IterableDataset):
                 errors.append(error)
                 return False
 
+            read = 0
             for sample in wds.tarfile_samples([{"url": url}], handler=stop_shard):
                 if position % reader.stride == reader.offset:
                     yield sample
                 position += 1
+                read += 1
             if errors:
-                yield BadSample(url, f"damaged or unreadable shard ({describe_error(errors[0])})", "shard")
+                yield BadSample(url, f"damaged shard ({describe_error(errors[0])})", "shard")
+            elif read < self.split.counts[shard]:
+                # Python's tarfile takes a tar cut at a header boundary for a shorter archive; the count tells.
+                yield BadSample(url, f"damaged shard: it ends after {read} of its {self.split.counts[shard]} "
+                                "samples (truncated?)", "shard")
 
     def prepare(self, sample: dict | BadSample) -> tuple[torch.Tensor, torch.Tensor] | BadSample:
         if isinstance(sample, BadSample):
