@@ -23,6 +23,7 @@ from tresfinetune.datasets.loaders import build_loaders
 from tresfinetune.datasets.pack import pack, parse_size, smallest_side
 from tresfinetune.datasets.shards import plan_readers
 from tresfinetune.errors import UserError
+from tresfinetune.evaluate import evaluate
 from tresfinetune.recipe import recipe_from_dict
 from tresfinetune.train import train
 
@@ -103,6 +104,9 @@ def test_train_one_epoch_from_shards_single_and_multi_label(tmp_path):
     assert "val_top1" in row and row["train_loss"] > 0
     saved = torch.load(run.run_dir / "best.pt", weights_only=True)
     assert saved["class_names"] == ["blue", "green", "red"] and saved["task"] == "single-label"
+    evaluation = evaluate(run.run_dir, plot=False)  # streams the val shards: the 6 images once, as in training
+    assert evaluation.report["num_samples"] == 6
+    assert evaluation.report["top1"] == pytest.approx(row["val_top1"])
 
     csv_root = write_colour_csv(tmp_path / "halves")
     csv_data = {"name": "multilabel_csv", "root": str(csv_root), "csv": "labels.csv", "val_fraction": 0.25}

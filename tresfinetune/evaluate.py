@@ -98,6 +98,7 @@ def evaluate(
     """
     from tresfinetune.datasets import build_source
     from tresfinetune.datasets.loaders import BadImageLog, ImageDataset, ImageLoader
+    from tresfinetune.datasets.shards import ShardSource, shard_eval_loader
     from tresfinetune.datasets.transforms import build_transforms
     from tresfinetune.models.from_checkpoint import load_checkpoint_model
     from tresfinetune.runtime import amp_dtype_for, resolve_device
@@ -110,15 +111,19 @@ def evaluate(
     split = split or recipe.data.val_split
     source = build_source(recipe.data)
     _check_classes(model, source.class_names, recipe.data.name)
-    samples = source.split(split)
-    if not samples:
-        raise UserError(f"split '{split}' of dataset '{recipe.data.name}' has no images")
+    if isinstance(source, ShardSource):  # streamed: every image of the split once
+        loader = shard_eval_loader(recipe, source, split, batch_size, workers, torch_device)
+        samples, bad_images = loader.dataset, loader.bad_images
+    else:
+        samples = source.split(split)
+        if not samples:
+            raise UserError(f"split '{split}' of dataset '{recipe.data.name}' has no images")
 
-    dataset = ImageDataset(samples, build_transforms(recipe, train=False), model.task)
-    bad_images = BadImageLog("skip")
-    loader = ImageLoader(dataset, batch_size=batch_size or recipe.batch_size,
-                         num_workers=recipe.workers if workers is None else workers, shuffle=False,
-                         pin_memory=torch_device.type == "cuda", bad_images=bad_images)
+        dataset = ImageDataset(samples, build_transforms(recipe, train=False), model.task)
+        bad_images = BadImageLog("skip")
+        loader = ImageLoader(dataset, batch_size=batch_size or recipe.batch_size,
+                             num_workers=recipe.workers if workers is None else workers, shuffle=False,
+                             pin_memory=torch_device.type == "cuda", bad_images=bad_images)
     model.to(torch_device)
     channels_last = recipe.channels_last and torch_device.type == "cuda"
     if channels_last:

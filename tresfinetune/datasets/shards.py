@@ -118,7 +118,7 @@ class ShardSource(DataSource):
 
     def split(self, name: str) -> list:
         raise UserError(f"the '{name}' split of webdataset shards is streamed, so this command cannot list its "
-                        "images; run it on the data the shards were packed from")
+                        "images; run it on the data the shards were packed from (--set data.name=... data.root=...)")
 
     def shard_split(self, name: str) -> ShardSplit:
         resolved = {"validation": "val", "valid": "val"}.get(name, name)
@@ -534,3 +534,22 @@ def build_shard_loaders(recipe: Recipe, source: ShardSource, rank: int = 0, worl
     train_loader = ShardLoader(train_set, steps, steps, drop_last=drop_last, **loader_options)
     val_loader = ShardLoader(val_set, None, val_batches, drop_last=False, **loader_options)
     return train_loader, val_loader, source
+
+
+def shard_eval_loader(recipe: Recipe, source: ShardSource, split: str, batch_size: int | None = None,
+                      workers: int | None = None, device: torch.device = torch.device("cpu")) -> ShardLoader:
+    """A loader over every image of one split of shards, for `evaluate` (one process; bad images are skipped)."""
+    from tresfinetune.datasets.transforms import build_transforms
+
+    shard_split = source.shard_split(split)
+    if shard_split.images == 0:
+        raise UserError(f"the '{split}' shards of webdataset hold no samples")
+    workers = recipe.workers if workers is None else workers
+    batch_size = batch_size or recipe.batch_size
+    (readers,) = plan_readers(shard_split.counts, 1, max(1, workers))
+    dataset = ShardStream(shard_split, readers, build_transforms(recipe, train=False), source.task,
+                          source.class_names, recipe.seed)
+    batches = sum(math.ceil(reader.size(shard_split.counts) / batch_size) for reader in readers)
+    return ShardLoader(dataset, None, batches, batch_size=batch_size, num_workers=workers, drop_last=False,
+                       pin_memory=device.type == "cuda", worker_init_fn=_worker_init if workers > 0 else None,
+                       bad_images=BadImageLog("skip"))
