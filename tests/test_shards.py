@@ -299,6 +299,31 @@ def test_torchrun_two_processes_over_an_odd_number_of_shards(tmp_path):
            "batch_size": 4, "workers": 1, "epochs": 2}
     recipe_path = tmp_path / "shards.yaml"
     recipe_path.write_text(yaml.safe_dump(raw))
+
+    # what each torchrun process's loaders deliver, written per rank: the images used in an epoch, the val images
+    script = tmp_path / "read_ids.py"
+    script.write_text(f"""
+import json, os, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_shards import read_ids
+from tresfinetune.datasets.loaders import build_loaders
+from tresfinetune.distributed import world_from_environment
+from tresfinetune.recipe import load_recipe
+world = world_from_environment()
+train_loader, val_loader, _ = build_loaders(load_recipe({str(recipe_path)!r}), rank=world.rank,
+                                           world_size=world.size)
+train_loader.dataset.set_epoch(1)
+ids = {{"train": read_ids(train_loader), "val": read_ids(val_loader), "steps": len(train_loader)}}
+open(os.path.join({str(tmp_path)!r}, f"ids{{world.rank}}.json"), "w").write(json.dumps(ids))
+""")
+    result = torchrun("--standalone", "--nproc_per_node=2", str(script), timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    ranks = [json.loads((tmp_path / f"ids{rank}.json").read_text()) for rank in (0, 1)]
+    assert len(ranks[0]["train"]) == len(ranks[1]["train"]) == ranks[0]["steps"] == ranks[1]["steps"]
+    used = [i for rank in ranks for batch in rank["train"] for i in batch]
+    assert len(used) == len(set(used)) and len(used) >= 24  # each training image at most once, most of the 33 used
+    val = sorted(i for rank in ranks for batch in rank["val"] for i in batch)
+    assert len(val) == 12 and len(set(val)) == 12  # every validation image exactly once
     result = torchrun("--standalone", "--nproc_per_node=2", "-m", "tresfinetune", "train", str(recipe_path), "-o",
                       str(tmp_path / "run"), timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -224,6 +224,16 @@ def _split_from(data_cfg: DataConfig, split: str, metadata: dict | None, base: s
     return ShardSplit(urls, counts)
 
 
+READ_BUFFER = 1 << 20  # bytes per read from a shard: tarfile's own reads are small, each a Python call
+
+
+def shard_samples(url: str, handler: Callable[[BaseException], bool]) -> Iterator[dict]:
+    """webdataset's tarfile_samples for one shard, opened with a large read buffer."""
+    tariterators = webdataset_module().tariterators
+    streams = tariterators.url_opener([{"url": url}], handler=handler, bufsize=READ_BUFFER)
+    return tariterators.group_by_keys(tariterators.tar_file_expander(streams, handler=handler), handler=handler)
+
+
 def _peek_task(url: str) -> str:
     """single-label if the first sample of a shard has a .cls file, multi-label if it has a .json."""
     wds = webdataset_module()
@@ -261,7 +271,8 @@ def build_webdataset(data_cfg: DataConfig) -> ShardSource:
         task = metadata["task"]
     else:
         task = _peek_task(splits["train"].urls[0])
-    unknown = bool((metadata or {}).get("unknown_labels", False))
+    # Without dataset.json nobody has looked: assume a multi-label set may have unknowns (ignoring none is harmless).
+    unknown = bool(metadata["unknown_labels"]) if metadata and "unknown_labels" in metadata else task == MULTI_LABEL
     return ShardSource(task, [str(name) for name in class_names], {}, name="webdataset", shard_splits=splits,
                        unknown_labels=unknown, metadata=metadata)
 
@@ -394,7 +405,6 @@ class ShardStream(IterableDataset):
 
     def raw_samples(self, reader: Reader) -> Iterator[dict | BadSample]:
         """The reader's samples as webdataset dicts, in this epoch's shard order; a damaged shard adds a BadSample."""
-        wds = webdataset_module()
         order = list(reader.shards)
         if self.train:  # the same order for every reader of the same shards, so strided readers stay disjoint
             random.Random(_seed(self.seed, self.epoch, self.pass_number)).shuffle(order)
@@ -408,7 +418,7 @@ class ShardStream(IterableDataset):
                 return False
 
             read = 0
-            for sample in wds.tarfile_samples([{"url": url}], handler=stop_shard):
+            for sample in shard_samples(url, stop_shard):
                 if position % reader.stride == reader.offset:
                     yield sample
                 position += 1
