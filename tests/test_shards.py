@@ -209,6 +209,11 @@ def test_pipe_urls_without_dataset_json(tmp_path):
     run = train(recipe(data, transforms=RESIZE_32, epochs=1), output=tmp_path / "run", progress=False)
     assert "val_top1" in run.history[0]
 
+    # remote shards with a dataset.json: data check takes its counts rather than downloading everything, and says so
+    report = check_data(recipe({**data, "root": str(out), "classes": None}, transforms=RESIZE_32))
+    assert [report["splits"][s]["images"] for s in ("train", "val")] == [18, 6]
+    assert report["splits"]["train"]["counted_from"] == "dataset.json" and "not decoded" in report["notes"][0]
+
 
 def test_a_truncated_shard_is_reported_or_stops_the_run(tmp_path, tresfinetune_log):  # noqa: F811
     out = pack_folder(tmp_path, write_colour_folder(tmp_path / "colours"))

@@ -116,7 +116,7 @@ def _fmt(value) -> str:
 
 @cli.group()
 def data() -> None:
-    """Inspect datasets."""
+    """Inspect datasets and pack them as shards."""
 
 
 @data.command("check")
