@@ -247,14 +247,19 @@ def _peek_task(url: str) -> str:
                     f"(multi-label) file; pack the data with `tresfinetune data pack`")
 
 
-def shard_task(data_cfg: DataConfig) -> str:
-    """The task of a webdataset recipe: from dataset.json, else from the first training sample."""
-    metadata, _ = read_metadata(data_cfg)
-    if metadata and metadata.get("task") in (SINGLE_LABEL, MULTI_LABEL):
-        return metadata["task"]
-    if not data_cfg.train_urls:
-        raise UserError("webdataset needs data.train_urls or a dataset.json with the task")
-    return _peek_task(expand_urls(data_cfg.train_urls, "train_urls")[0])
+def shard_task(data_cfg: DataConfig) -> str | None:
+    """The task of a webdataset recipe: from dataset.json, else from the first training sample; None while the
+    shards cannot be found (the transforms then take the single-label defaults; building the source says what is
+    missing)."""
+    try:
+        metadata, _ = read_metadata(data_cfg)
+        if metadata and metadata.get("task") in (SINGLE_LABEL, MULTI_LABEL):
+            return metadata["task"]
+        if not data_cfg.train_urls:
+            return None
+        return _peek_task(expand_urls(data_cfg.train_urls, "train_urls")[0])
+    except UserError:
+        return None
 
 
 @register("webdataset", None, detect_task=shard_task)

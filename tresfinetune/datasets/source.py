@@ -113,8 +113,8 @@ def source_info(name: str) -> SourceInfo:
     return _REGISTRY[name]
 
 
-def source_task(data_cfg: Any) -> str:
-    """The task of the recipe's data source, without loading its samples."""
+def source_task(data_cfg: Any) -> str | None:
+    """The task of the recipe's data source, without loading its samples (None: not known before the data is)."""
     info = source_info(data_cfg.name)
     return info.task if info.task is not None else info.detect_task(data_cfg)
 
