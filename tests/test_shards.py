@@ -343,3 +343,35 @@ open(os.path.join({str(tmp_path)!r}, f"ids{{world.rank}}.json"), "w").write(json
                                          [1, 1, 1])
     assert len(targets) == 12
     assert compute_metrics(scores, targets, "single-label")["val_top1"] == pytest.approx(rows[-1]["val_top1"])
+
+
+@pytest.mark.slow
+def test_resume_mid_epoch_replays_the_stream_exactly(tmp_path, monkeypatch):
+    from tresfinetune import train as train_module
+    from tresfinetune.train import TrainingInterrupted
+
+    out = pack_folder(tmp_path, write_colour_folder(tmp_path / "colours"))
+    shard_recipe = recipe({"name": "webdataset", "root": str(out), "shuffle_buffer": 6}, transforms=RESIZE_32,
+                          epochs=2, batch_size=4)
+    straight = train(shard_recipe, output=tmp_path / "straight", progress=False)
+
+    real = train_module.to_model_input
+    calls = []
+
+    def ctrl_c_at_the_second_batch_of_epoch_two(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:  # 4 batches per epoch: the 2nd of epoch 2, after one optimizer step of it
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "to_model_input", ctrl_c_at_the_second_batch_of_epoch_two)
+    with pytest.raises(TrainingInterrupted):
+        train(shard_recipe, output=tmp_path / "stopped", progress=False)
+    monkeypatch.setattr(train_module, "to_model_input", real)
+    saved = torch.load(tmp_path / "stopped" / "last.pt", weights_only=True)
+    assert (saved["epoch"], saved["step"]) == (1, 1)
+    resumed = train(resume=tmp_path / "stopped", progress=False)
+    assert resumed.history[-1]["train_loss"] == pytest.approx(straight.history[-1]["train_loss"], rel=1e-6)
+    a = torch.load(straight.run_dir / "last.pt", weights_only=True)["model"]
+    b = torch.load(resumed.run_dir / "last.pt", weights_only=True)["model"]
+    assert all(torch.allclose(a[k].float(), b[k].float(), rtol=1e-5, atol=1e-7) for k in a)
