@@ -192,6 +192,8 @@ def test_plan_deals_shards_to_balance_samples():
     (a, b), (c, d) = plan_readers([7], world_size=2, workers=2)
     assert [r.offset for r in (a, b, c, d)] == [0, 1, 2, 3] and {r.stride for r in (a, b, c, d)} == {4}
     assert sum(r.size([7]) for r in (a, b, c, d)) == 7
+    # an empty shard would leave a rank without samples: shared reading instead
+    assert all(r.stride == 3 for (r,) in plan_readers([5, 0, 4], world_size=3, workers=1))
 
 
 def test_pipe_urls_without_dataset_json(tmp_path):

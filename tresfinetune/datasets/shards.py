@@ -355,12 +355,13 @@ def deal(shards: list[int], counts: list[int], parts: int) -> list[list[int]]:
 def plan_readers(counts: list[int], world_size: int, workers: int) -> list[list[Reader]]:
     """[rank][worker] -> Reader. Disjoint shards wherever there are enough of them, else shared with a stride."""
     everything = list(range(len(counts)))
-    if len(counts) < world_size:
+    per_rank = deal(everything, counts, world_size)
+    if any(sum(counts[s] for s in shards) == 0 for shards in per_rank):  # too few (non-empty) shards to go round
         readers = world_size * workers
         return [[Reader(tuple(everything), readers, rank * workers + w) for w in range(workers)]
                 for rank in range(world_size)]
     plan = []
-    for shards in deal(everything, counts, world_size):
+    for shards in per_rank:
         if len(shards) >= workers:
             plan.append([Reader(tuple(group)) for group in deal(shards, counts, workers)])
         else:
@@ -529,6 +530,9 @@ def build_shard_loaders(recipe: Recipe, source: ShardSource, rank: int = 0, worl
         raise UserError(f"the training shards cannot give each of the {world_size} process(es) a batch; use fewer "
                         "processes or more data")
     val_plan = plan_readers(val_split.counts, world_size, readers_per_rank)
+    if min(sum(reader.size(val_split.counts) for reader in readers) for readers in val_plan) == 0:
+        raise UserError(f"the validation shards ({val_split.images} images in {len(val_split.urls)} shard(s)) leave "
+                        f"a process with none; use fewer than {world_size} processes or more validation images")
     val_batches = sum(math.ceil(reader.size(val_split.counts) / batch) for reader in val_plan[rank])
 
     common = dict(task=source.task, class_names=source.class_names, seed=recipe.seed, rank=rank,
