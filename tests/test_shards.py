@@ -22,6 +22,7 @@ from tresfinetune.datasets.check import check_data
 from tresfinetune.datasets.loaders import build_loaders
 from tresfinetune.datasets.pack import pack, parse_size, smallest_side
 from tresfinetune.datasets.shards import plan_readers
+from tresfinetune.datasets.transforms import transform_spec
 from tresfinetune.errors import UserError
 from tresfinetune.evaluate import evaluate
 from tresfinetune.recipe import recipe_from_dict
@@ -94,6 +95,17 @@ def test_pack_keeps_classes_and_counts_and_check_reads_the_shards(tmp_path):
 
     again = runner.invoke(cli, ["data", "pack", str(recipe_path), "--out", str(out)])
     assert again.exit_code == 1 and "already holds shards" in again.output
+
+
+def test_default_transforms_follow_the_packed_source(tmp_path):
+    pack(recipe({"name": "digits", "limit": 20}), tmp_path / "digits")
+    digits = transform_spec(recipe({"name": "webdataset", "root": str(tmp_path / "digits")}, transforms={}), True)
+    assert transform_spec(recipe({"name": "digits"}, transforms={}), True) == digits  # no flips, gentle crops
+    assert not any("HorizontalFlip" in step for step in digits)
+    pack(recipe({"name": "multilabel_csv", "root": str(write_colour_csv(tmp_path / "halves", count=8))}),
+         tmp_path / "csv")
+    multi = transform_spec(recipe({"name": "webdataset", "root": str(tmp_path / "csv")}, transforms={}), True)
+    assert any("Cutout" in step for step in multi)  # the multi-label defaults: the task comes from dataset.json
 
 
 def test_train_one_epoch_from_shards_single_and_multi_label(tmp_path):

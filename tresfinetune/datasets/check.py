@@ -15,6 +15,7 @@ import hashlib
 import itertools
 import logging
 import os
+import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -304,6 +305,31 @@ def summary_table(report: dict, title: str = "") -> Table:
     return table
 
 
+def _shard_preview(recipe: Recipe, source: Any, pipeline: Any, count: int) -> list[tuple[np.ndarray, str]]:
+    """The first `count` readable training samples of the shards, in shard order, augmented as epoch 0 would."""
+    from tresfinetune.datasets import shards
+
+    split = source.shard_split(recipe.data.train_split)
+    stream = shards.ShardStream(split, [shards.Reader(tuple(range(len(split.urls))))], pipeline, source.task,
+                                source.class_names, recipe.seed)
+    class_index = {name: i for i, name in enumerate(source.class_names)}
+    shown = []
+    for sample in stream.raw_samples(stream.readers[0]):
+        if len(shown) == count:
+            break
+        if not isinstance(sample, dict) or shards.image_entry(sample) is None:
+            continue
+        name = shards.sample_name(sample)
+        try:
+            target = shards.parse_target(sample, source.task, class_index)
+            pixels = decode_image(sample[shards.image_entry(sample)], name, pipeline.decode_fits)
+        except (UnreadableImage, ValueError, UnicodeDecodeError):
+            continue
+        pipeline.reseed(recipe.seed, 0, zlib.crc32(name.encode()))
+        shown.append((pipeline.augment(pixels), ", ".join(_label_names(Sample(name, target), source)) or "(none)"))
+    return shown
+
+
 def write_preview(recipe: Recipe, path: str | os.PathLike, source: DataSource | None = None, count: int = 16) -> Path:
     """A PNG grid of `count` augmented training samples (epoch 0's first ones), titled with their labels."""
     import matplotlib
@@ -313,23 +339,27 @@ def write_preview(recipe: Recipe, path: str | os.PathLike, source: DataSource | 
 
     from tresfinetune.datasets import build_source
     from tresfinetune.datasets.loaders import ImageDataset, TrainSampler
+    from tresfinetune.datasets.shards import ShardSource
     from tresfinetune.datasets.transforms import build_transforms
     from tresfinetune.errors import UserError
 
     source = source or build_source(recipe.data)
-    samples = source.split(recipe.data.train_split)
     pipeline = build_transforms(recipe, train=True)
-    dataset = ImageDataset(samples, pipeline, source.task, recipe.seed)
     shown = []
-    for index, epoch in TrainSampler(len(samples), recipe.seed):
-        if len(shown) == count:
-            break
-        try:
-            pixels = dataset.load(index)
-        except UnreadableImage:
-            continue
-        pipeline.reseed(recipe.seed, epoch, index)
-        shown.append((pipeline.augment(pixels), ", ".join(_label_names(samples[index], source)) or "(none)"))
+    if isinstance(source, ShardSource):
+        shown = _shard_preview(recipe, source, pipeline, count)
+    else:
+        samples = source.split(recipe.data.train_split)
+        dataset = ImageDataset(samples, pipeline, source.task, recipe.seed)
+        for index, epoch in TrainSampler(len(samples), recipe.seed):
+            if len(shown) == count:
+                break
+            try:
+                pixels = dataset.load(index)
+            except UnreadableImage:
+                continue
+            pipeline.reseed(recipe.seed, epoch, index)
+            shown.append((pipeline.augment(pixels), ", ".join(_label_names(samples[index], source)) or "(none)"))
     if not shown:
         raise UserError(f"no readable training images to preview in split '{recipe.data.train_split}'")
     columns = int(np.ceil(np.sqrt(len(shown))))

@@ -12,7 +12,7 @@ pipelines still never enlarge a pixel. Unreadable images are reported and left o
 
 dataset.json: {"format", "version", "task", "class_names", "unknown_labels", "splits": {"train": {"images",
 "shards": [{"name", "images", "bytes"}], "per_class": {...}, "skipped": [...]}, "val": {...}}, "source",
-"max_side", "command"}.
+"max_side", "command", "augmentation": {"hflip", "crop_scale"}} (the source's default-augmentation hints).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from PIL import Image
 
 from tresfinetune.datasets.images import REDUCED_RGB_FLAGS, UnreadableImage, decode_image, jpeg_reduction
 from tresfinetune.datasets.shards import METADATA_FILE, ShardSource, webdataset_module
-from tresfinetune.datasets.source import MULTI_LABEL, Sample
+from tresfinetune.datasets.source import MULTI_LABEL, Sample, source_info
 from tresfinetune.errors import UserError
 
 if TYPE_CHECKING:
@@ -252,10 +252,13 @@ def pack(recipe: Recipe, out: str | os.PathLike, shard_size: str | int = "500MB"
     except OSError as e:
         raise UserError(f"cannot create --out folder '{folder}': {e.strerror or e}") from None
     multi_label = source.task == MULTI_LABEL
+    info = source_info(recipe.data.name)
     encoder = ImageEncoder(max_side, fits)
     metadata: dict[str, Any] = {
         "format": FORMAT, "version": 1, "task": source.task, "class_names": list(source.class_names),
         "unknown_labels": False, "splits": {}, "source": recipe.data.name, "max_side": max_side, "command": command,
+        # the source's default-augmentation hints, so training from the shards augments as from the source
+        "augmentation": {"hflip": info.hflip, "crop_scale": list(info.crop_scale) if info.crop_scale else None},
     }
     with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:  # OpenCV codecs release the GIL
         for split, samples in splits.items():

@@ -247,22 +247,23 @@ def _peek_task(url: str) -> str:
                     f"(multi-label) file; pack the data with `tresfinetune data pack`")
 
 
-def shard_task(data_cfg: DataConfig) -> str | None:
-    """The task of a webdataset recipe: from dataset.json, else from the first training sample; None while the
-    shards cannot be found (the transforms then take the single-label defaults; building the source says what is
-    missing)."""
+def shard_defaults(data_cfg: DataConfig) -> dict:
+    """What the default transforms need to know: the task (from dataset.json, else the first training sample) and
+    the packed source's hints (no flips for digits...). The task stays None while the shards cannot be found: the
+    transforms then take the single-label defaults, and building the source says what is missing."""
     try:
         metadata, _ = read_metadata(data_cfg)
+        hints = dict((metadata or {}).get("augmentation", {}))
         if metadata and metadata.get("task") in (SINGLE_LABEL, MULTI_LABEL):
-            return metadata["task"]
+            return {"task": metadata["task"], **hints}
         if not data_cfg.train_urls:
-            return None
-        return _peek_task(expand_urls(data_cfg.train_urls, "train_urls")[0])
+            return {}
+        return {"task": _peek_task(expand_urls(data_cfg.train_urls, "train_urls")[0]), **hints}
     except UserError:
-        return None
+        return {}
 
 
-@register("webdataset", None, detect_task=shard_task)
+@register("webdataset", None, from_data=shard_defaults)
 def build_webdataset(data_cfg: DataConfig) -> ShardSource:
     if data_cfg.download:
         raise UserError("webdataset shards cannot be downloaded by tresfinetune; set data.download: false")

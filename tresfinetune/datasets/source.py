@@ -10,6 +10,7 @@ asked for.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import logging
 from collections.abc import Callable, Iterator, Mapping
@@ -86,22 +87,23 @@ class DataSource:
 @dataclass(frozen=True)
 class SourceInfo:
     build: Callable[..., DataSource]
-    task: str | None  # None: it depends on the data (see detect_task)
+    task: str | None  # None: it depends on the data (see from_data)
     # Default-augmentation hints: whether horizontal flips keep the label (not for digits), and the smallest crop
     # area of the default RandomResizedCrop (None: the general default).
     hflip: bool = True
     crop_scale: tuple[float, float] | None = None
-    # For sources whose task depends on the data (webdataset shards): data config -> task, read cheaply.
-    detect_task: Callable[..., str] | None = None
+    # For sources whose task and hints depend on the data (webdataset shards): data config -> the fields above that
+    # the data sets ({"task": ..., "hflip": ..., "crop_scale": ...}, any of them), read cheaply.
+    from_data: Callable[..., dict] | None = None
 
 
 _REGISTRY: dict[str, SourceInfo] = {}
 
 
 def register(name: str, task: str | None, hflip: bool = True, crop_scale: tuple[float, float] | None = None,
-             detect_task: Callable[..., str] | None = None) -> Callable:
+             from_data: Callable[..., dict] | None = None) -> Callable:
     def add(build: Callable[..., DataSource]) -> Callable[..., DataSource]:
-        _REGISTRY[name] = SourceInfo(build, task, hflip, crop_scale, detect_task)
+        _REGISTRY[name] = SourceInfo(build, task, hflip, crop_scale, from_data)
         return build
 
     return add
@@ -113,10 +115,11 @@ def source_info(name: str) -> SourceInfo:
     return _REGISTRY[name]
 
 
-def source_task(data_cfg: Any) -> str | None:
-    """The task of the recipe's data source, without loading its samples (None: not known before the data is)."""
+def source_defaults(data_cfg: Any) -> SourceInfo:
+    """The recipe's source's registry entry, with what its data say filled in (task None: unknown until the data
+    can be read)."""
     info = source_info(data_cfg.name)
-    return info.task if info.task is not None else info.detect_task(data_cfg)
+    return dataclasses.replace(info, **info.from_data(data_cfg)) if info.from_data is not None else info
 
 
 def registered_names() -> list[str]:

@@ -353,13 +353,12 @@ class Pipeline:
 
 def transform_spec(recipe: Recipe, train: bool) -> list:
     """The recipe's transform list for train / val (or the default for its dataset), sizes filled from input_size."""
-    from tresfinetune.datasets.source import MULTI_LABEL, source_info, source_task
+    from tresfinetune.datasets.source import MULTI_LABEL, source_defaults
 
     spec = recipe.transforms.train if train else recipe.transforms.val
     if spec is None:
-        info = source_info(recipe.data.name)
-        multi_label = source_task(recipe.data) == MULTI_LABEL
-        spec = default_spec(recipe.input_size, train, multi_label=multi_label, hflip=info.hflip,
+        info = source_defaults(recipe.data)
+        spec = default_spec(recipe.input_size, train, multi_label=info.task == MULTI_LABEL, hflip=info.hflip,
                             crop_scale=info.crop_scale)
     return fill_sizes(spec, recipe.input_size, recipe.transforms.crop_pct, f"transforms.{'train' if train else 'val'}")
 
