@@ -286,6 +286,9 @@ def test_recipe_and_option_errors_are_one_sentence(tmp_path):
                              "val_urls": str(tmp_path / "v.tar")}).data)
     with pytest.raises(UserError, match="dataset.json"):
         build_source(recipe({"name": "webdataset", "root": str(tmp_path)}).data)
+    missing = f"pipe:cat {tmp_path / 'missing.tar'}"
+    with pytest.raises(UserError, match=r"cannot read shard 'pipe:cat .*missing.tar' \(ReadError"):
+        build_source(recipe({"name": "webdataset", "train_urls": missing, "val_urls": missing, "classes": ["a"]}).data)
     with pytest.raises(UserError, match="--shard-size"):
         parse_size("lots")
     assert parse_size("500MB") == 500 * 10**6 and parse_size("1GiB") == 2**30

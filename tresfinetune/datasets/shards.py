@@ -234,15 +234,26 @@ def shard_samples(url: str, handler: Callable[[BaseException], bool]) -> Iterato
     return tariterators.group_by_keys(tariterators.tar_file_expander(streams, handler=handler), handler=handler)
 
 
+def stop_at_error(errors: list) -> Callable[[BaseException], bool]:
+    """A webdataset error handler that keeps the error in `errors` and stops reading that shard."""
+    def stop(error: BaseException) -> bool:
+        errors.append(error)
+        return False
+
+    return stop
+
+
 def _peek_task(url: str) -> str:
     """single-label if the first sample of a shard has a .cls file, multi-label if it has a .json."""
-    wds = webdataset_module()
-    for sample in wds.tarfile_samples([{"url": url}]):
+    errors: list[BaseException] = []
+    for sample in shard_samples(url, stop_at_error(errors)):
         if "cls" in sample:
             return SINGLE_LABEL
         if "json" in sample:
             return MULTI_LABEL
         break
+    if errors:
+        raise UserError(f"cannot read shard '{url}' ({describe_error(errors[0])}); check the URL or command")
     raise UserError(f"cannot tell the task from shard '{url}': its first sample has no .cls (single-label) or .json "
                     f"(multi-label) file; pack the data with `tresfinetune data pack`")
 
@@ -419,13 +430,8 @@ class ShardStream(IterableDataset):
         for shard in order:
             url = self.split.urls[shard]
             errors: list[BaseException] = []
-
-            def stop_shard(error: BaseException, errors: list = errors) -> bool:
-                errors.append(error)
-                return False
-
             read = 0
-            for sample in shard_samples(url, stop_shard):
+            for sample in shard_samples(url, stop_at_error(errors)):
                 if position % reader.stride == reader.offset:
                     yield sample
                 position += 1
