@@ -1,6 +1,7 @@
 """Decode + augment throughput on one worker: our albumentations pipeline vs the same with torchvision.transforms.v2.
 
-    python benchmarks/data_pipeline.py [--photos small|phone|both|check] [--images 48] [--phone-images 12] [--repeats 5]
+    python benchmarks/data_pipeline.py [--photos small|phone|both|check|shards] [--images 48] [--phone-images 12]
+                                       [--repeats 5]
 
 Phone photos (--photos phone): 12 MP JPEGs (4032x3024, ~3 MB, made from scikit-learn's sample photos upscaled, with
 noise), in an ImageFolder layout. Timed, interleaved, on one thread in this process (what one loader worker does),
@@ -30,11 +31,22 @@ the first scan and looks for the end-of-image marker after it, then decodes from
 the decode as it was before the check (OpenCV reading the file itself, Pillow reading the header for the DCT factor),
 decode only (no augmentation: the worst case for the ratio), for small and phone photos, at full size and at the DCT
 scale a 224 training pipeline allows; plus the check alone per file.
+
+Shards (--photos shards): the same images as a folder (train/ and val/ holding the same files) and packed by
+`tresfinetune data pack`, read by the training and validation loaders that `build_loaders` makes (one worker process,
+224 px, batches of 16, the default transforms):
+  folder      data.name: folder
+  shards      data.name: webdataset, the images stored as they are
+  max-side    data.name: webdataset packed with --max-side auto (images shrunk to what the 224 px pipelines need)
+img/s per CPU second of the loader (this process plus its worker), median of interleaved passes; the pack time and
+size are shown once. Small photos (500x375) and 12 MP phone photos.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import statistics
 import tempfile
 import time
@@ -248,11 +260,80 @@ def check_benchmark(small: int, phone: int, repeats: int) -> None:
                 med = {name: statistics.median(r) for name, r in rates.items()}
                 print(f"{kind:<8} {label:<9} {med['before']:>8.1f} {med['checked']:>8.1f} "
                       f"{med['checked'] / med['before']:>13.3f}x   {check_us:>8.1f} us")
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (the loader's worker exits after each pass)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def loader_pass(loader: DataLoader, epoch: int = 0) -> float:
+    """Images per CPU second over one epoch of a tresfinetune loader. Each pass is another epoch, so the loaders
+    compared average over many random crops (a crop's size sets the cost of its resize) instead of one fixed draw."""
+    for part in (loader.sampler, loader.dataset):
+        if hasattr(part, "set_epoch"):
+            part.set_epoch(epoch)
+    start = cpu_seconds()
+    images = sum(len(batch) for batch, _ in loader)
+    return images / (cpu_seconds() - start)
+
+
+def as_folder(paths: list[Path], root: Path) -> Path:
+    """root/train/photo/ and root/val/photo/ holding the same files (hard links), so both loaders read them all."""
+    for split in ("train", "val"):
+        (root / split / "photo").mkdir(parents=True)
+        for path in paths:
+            os.link(path, root / split / "photo" / path.name)
+    return root
+
+
+def shard_benchmark(small: int, phone: int, repeats: int) -> None:
+    from tresfinetune.datasets.loaders import build_loaders
+    from tresfinetune.datasets.pack import pack
+
+    print(f"loader img/s per CPU second (main process + 1 worker), 224 px, batches of 16, median of {repeats} "
+          f"interleaved passes; torch {torch.__version__}, OpenCV {cv2.__version__}")
+    header = (f"{'photos':<8} {'mode':<5} {'folder':>7} {'shards':>7} {'max-side':>8}   {'shards/folder':>13} "
+              f"{'max-side/folder':>15}")
+    rows, notes = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, count in (("500x375", small), ("12 MP", phone)):
+            made = Path(tmp) / f"made-{count}-{label[:3]}"
+            made.mkdir()
+            paths = make_photos(made, count) if label == "500x375" else make_phone_photos(made, count)
+            root = as_folder(paths, Path(tmp) / f"folder-{label[:3]}")
+            base = {"model": {"name": "tresnet_m"}, "input_size": 224, "workers": 1, "batch_size": 16}
+            folder_recipe = recipe_from_dict({**base, "data": {"name": "folder", "root": str(root),
+                                                               "persistent_workers": False}})
+            recipes = {"folder": folder_recipe}
+            for name, max_side in (("shards", None), ("max-side", "auto")):
+                out = Path(tmp) / f"{name}-{label[:3]}"
+                start = time.perf_counter()
+                pack(folder_recipe, out, max_side=max_side)
+                seconds = time.perf_counter() - start
+                size = sum(p.stat().st_size for p in out.glob("train-*.tar"))
+                notes.append(f"{label}: packing {count} images ({name}) took {seconds:.1f} s, "
+                             f"{size / count / 1024:.0f} KiB per image")
+                recipes[name] = recipe_from_dict({**base, "data": {"name": "webdataset", "root": str(out)}})
+            for mode, which in (("train", 0), ("eval", 1)):
+                loaders = {name: build_loaders(recipe)[which] for name, recipe in recipes.items()}
+                for loader in loaders.values():  # warm-up: lazy imports, the files in the page cache
+                    loader_pass(loader)
+                rates: dict[str, list[float]] = {name: [] for name in loaders}
+                for epoch in range(1, repeats + 1):
+                    for name, loader in loaders.items():
+                        rates[name].append(loader_pass(loader, epoch))
+                med = {name: statistics.median(r) for name, r in rates.items()}
+                rows.append(f"{label:<8} {mode:<5} {med['folder']:>7.1f} {med['shards']:>7.1f} {med['max-side']:>8.1f}"
+                            f"   {med['shards'] / med['folder']:>12.2f}x {med['max-side'] / med['folder']:>14.2f}x")
+    print(header)
+    print("-" * len(header))
+    print("\n".join(rows))
+    print("\n".join(notes))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--photos", choices=["small", "phone", "both", "check"], default="both")
+    parser.add_argument("--photos", choices=["small", "phone", "both", "check", "shards"], default="both")
     parser.add_argument("--images", type=int, default=48, help="small photos")
     parser.add_argument("--phone-images", type=int, default=12, help="12 MP photos")
     parser.add_argument("--repeats", type=int, default=5)
@@ -265,6 +346,8 @@ def main() -> None:
         small_benchmark(args.images, args.repeats)
     if args.photos in ("check", "both"):
         check_benchmark(args.images, args.phone_images, args.repeats)
+    if args.photos == "shards":
+        shard_benchmark(args.images, args.phone_images, args.repeats)
 
 
 def small_benchmark(count: int, repeats: int) -> None:

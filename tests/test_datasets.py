@@ -30,7 +30,7 @@ def cfg(name: str, root: Path | str | None = None, **kwargs) -> DataConfig:
 
 def test_registry_names():
     assert set(source_names()) == {"cifar10", "cifar100", "flowers102", "stanford_cars", "coco", "voc2007", "folder",
-                                   "multilabel_csv", "digits", "openimages"}
+                                   "multilabel_csv", "digits", "openimages", "webdataset"}
 
 
 # ---- CIFAR ----------------------------------------------------------------------------------------------------------

@@ -131,7 +131,7 @@ def _fmt(value) -> str:
 
 @cli.group()
 def data() -> None:
-    """Inspect datasets."""
+    """Inspect datasets and pack them as shards."""
 
 
 @data.command("check")
@@ -160,6 +160,8 @@ def data_check(recipe: str, overrides: tuple[str, ...], json_path: str | None, p
             console.print(f"positives / negatives / unknowns per class: see --json ({source.num_classes} classes)")
         for line in label_warnings(report):
             console.print(f"[yellow]warning:[/] {line}", highlight=False)
+    for note in report.get("notes", []):
+        console.print(f"note: {note}", highlight=False)
     if report["unreadable"]:
         shown = "\n  ".join(report["unreadable"][:10]) + ("\n  ..." if len(report["unreadable"]) > 10 else "")
         console.print(f"[red]{len(report['unreadable'])} unreadable image(s):[/]\n  {shown}", highlight=False)
@@ -192,6 +194,46 @@ def data_speed(recipe: str, overrides: tuple[str, ...], split: str, batches: int
         with open(json_path, "w") as f:
             json.dump(result, f, indent=2)
         console.print(f"numbers written to {json_path}", highlight=False)
+
+
+@data.command("pack")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@set_option
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Folder for the shards.")
+@click.option("--shard-size", default="500MB", show_default=True, help="Largest shard (e.g. 500MB, 1GiB).")
+@click.option("--max-side", help="Store images no larger than this (pixels, longer side), or 'auto': as small as the "
+              "recipe's transforms allow without enlarging any pixel. Default: as they are.")
+@user_errors
+def data_pack(recipe: str, overrides: tuple[str, ...], out: str, shard_size: str, max_side: str | None) -> None:
+    """Write RECIPE's train and val splits as WebDataset shards plus dataset.json, for data.name: webdataset."""
+    import shlex
+
+    from rich.progress import Progress
+
+    from tresfinetune.datasets.pack import pack
+    from tresfinetune.recipes import load_recipe
+
+    loaded = load_recipe(recipe, overrides)
+    with Progress(transient=True, console=err_console) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(split: str, done: int) -> None:
+            if split not in tasks:
+                tasks[split] = bar.add_task(f"packing {split}", total=None)
+            bar.update(tasks[split], completed=done)
+
+        command = ["tresfinetune", "data", "pack", recipe, *(f"--set={o}" for o in overrides), "--out", out,
+                   "--shard-size", shard_size, *(["--max-side", max_side] if max_side else [])]
+        metadata = pack(loaded, out, shard_size, max_side, command=shlex.join(command), progress=progress)
+    table = Table(title=f"{out}: {metadata['task']}, {len(metadata['class_names'])} classes")
+    for column in ("split", "images", "shards", "MB", "left out"):
+        table.add_column(column, justify="left" if column == "split" else "right")
+    for split, entry in metadata["splits"].items():
+        table.add_row(split, str(entry["images"]), str(len(entry["shards"])),
+                      f"{sum(s['bytes'] for s in entry['shards']) / 1e6:.1f}",
+                      f"[red]{len(entry['skipped'])}[/]" if entry["skipped"] else "0")
+    console.print(table)
+    console.print(f"train from them with: data: {{name: webdataset, root: {out}}}", highlight=False)
 
 
 @cli.command()

@@ -100,6 +100,7 @@ def evaluate(
     """
     from tresfinetune.datasets import build_source
     from tresfinetune.datasets.loaders import BadImageLog, ImageDataset, ImageLoader
+    from tresfinetune.datasets.shards import ShardSource, shard_eval_loader
     from tresfinetune.datasets.transforms import build_transforms
     from tresfinetune.models.from_checkpoint import load_trained_model
     from tresfinetune.runtime import amp_dtype_for, resolve_device
@@ -113,15 +114,18 @@ def evaluate(
     split = split or recipe.data.val_split
     source = build_source(recipe.data)
     _check_classes(info.class_names, source.class_names, recipe.data.name)
-    samples = source.split(split)
-    if not samples:
-        raise UserError(f"split '{split}' of dataset '{recipe.data.name}' has no images")
-
-    bad_images = BadImageLog("skip")
-    loader = ImageLoader(ImageDataset(samples, build_transforms(recipe, train=False), info.task),
-                         batch_size=batch_size or recipe.batch_size, shuffle=False, bad_images=bad_images,
-                         num_workers=recipe.workers if workers is None else workers,
-                         pin_memory=torch_device.type == "cuda")
+    if isinstance(source, ShardSource):  # streamed: every image of the split once
+        loader = shard_eval_loader(recipe, source, split, batch_size, workers, torch_device)
+        samples, bad_images = loader.dataset, loader.bad_images
+    else:
+        samples = source.split(split)
+        if not samples:
+            raise UserError(f"split '{split}' of dataset '{recipe.data.name}' has no images")
+        bad_images = BadImageLog("skip")
+        loader = ImageLoader(ImageDataset(samples, build_transforms(recipe, train=False), info.task),
+                             batch_size=batch_size or recipe.batch_size, shuffle=False, bad_images=bad_images,
+                             num_workers=recipe.workers if workers is None else workers,
+                             pin_memory=torch_device.type == "cuda")
     model.to(torch_device)
     channels_last = recipe.channels_last and torch_device.type == "cuda"
     if channels_last:

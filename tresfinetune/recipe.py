@@ -60,6 +60,12 @@ class DataConfig:
     # TResNet weights expect inputs in [0, 1] without normalisation; set these only for other weights.
     mean: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
     std: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+    # webdataset: shard URLs, brace lists allowed (paths, http(s)://, pipe:CMD); unset: those dataset.json in
+    # data.root lists. classes: the class names in label order when there is no dataset.json.
+    train_urls: str | list[str] | None = None
+    val_urls: str | list[str] | None = None
+    classes: list[str] | None = None
+    shuffle_buffer: int = 1000  # webdataset: samples each loader worker holds for shuffling (memory: their bytes)
     pin_memory: bool = True  # used on CUDA only
     persistent_workers: bool = True
 
@@ -361,6 +367,7 @@ def check_values(recipe: Recipe) -> None:
     _positive(recipe.workers, "workers", allow_zero=True)
     if recipe.data.limit is not None:
         _positive(recipe.data.limit, "data.limit")
+    _positive(recipe.data.shuffle_buffer, "data.shuffle_buffer", allow_zero=True)
     _positive(recipe.optimizer.lr, "optimizer.lr")
     _positive(recipe.optimizer.weight_decay, "optimizer.weight_decay", allow_zero=True)
     _positive(recipe.freeze_backbone_epochs, "freeze_backbone_epochs", allow_zero=True)

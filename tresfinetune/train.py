@@ -46,7 +46,7 @@ from tresfinetune.checkpoint import (
     set_rng_state,
 )
 from tresfinetune.datasets import build_loaders
-from tresfinetune.datasets.source import has_unknown_labels
+from tresfinetune.datasets.loaders import dataset_has_unknown_labels
 from tresfinetune.datasets.transforms import to_model_input
 from tresfinetune.distributed import World
 from tresfinetune.errors import UserError
@@ -329,7 +329,7 @@ def _build(recipe: Recipe, run_dir: Path, ckpt: RunCheckpoint | None, device: to
 
     loss_name = recipe.loss.name or ("cross_entropy" if info.task == SINGLE_LABEL else "asl")
     criterion = build_loss(loss_name, info.task, **recipe.loss.options)
-    has_unknowns = info.task == MULTI_LABEL and has_unknown_labels(train_loader.dataset.samples)
+    has_unknowns = info.task == MULTI_LABEL and dataset_has_unknown_labels(train_loader.dataset)
     partial = partial_labels.choose_partial_mode(recipe.loss.partial, info.task, has_unknowns)
     if has_unknowns or partial not in (None, "negative"):
         criterion = PartialLabelLoss(criterion, partial, recipe.loss.prior_threshold, recipe.loss.likelihood_topk,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import cv2
 
-from tresfinetune.datasets import local, official, openimages  # noqa: F401  (importing them registers their sources)
+from tresfinetune.datasets import local, official, openimages, shards  # noqa: F401  (importing registers the sources)
 from tresfinetune.datasets.images import UnreadableImage, load_image
 from tresfinetune.datasets.loaders import ImageDataset, build_loaders
 from tresfinetune.datasets.source import DataSource, Sample, build_source, registered_names

@@ -151,8 +151,9 @@ def reduction_factor(width: int, height: int, fits: Callable[[int, int], bool] |
     return 1
 
 
-def jpeg_reduction(path: str, fits: Callable[[int, int], bool]) -> int:
-    """reduction_factor for a JPEG file (1 for other files), reading the file's header only."""
+def jpeg_reduction(path: str | BinaryIO, fits: Callable[[int, int], bool]) -> int:
+    """reduction_factor for a JPEG file (1 for other files), reading the file's header only (`path` may be an
+    in-memory file)."""
     try:
         with Image.open(path) as header:
             if header.format not in JPEG_FORMATS:
@@ -163,6 +164,14 @@ def jpeg_reduction(path: str, fits: Callable[[int, int], bool]) -> int:
     return reduction_factor(width, height, fits)
 
 
+def _quiet_opencv() -> None:
+    global _cv2_quiet
+    if not _cv2_quiet:
+        # libjpeg's "Premature end of JPEG file" and similar go to stderr otherwise; we report bad files ourselves.
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+        _cv2_quiet = True
+
+
 def load_image(path: str | os.PathLike, fits: Callable[[int, int], bool] | None = None) -> np.ndarray:
     """Decode an image file to an RGB uint8 array (H, W, 3) in its EXIF orientation; UnreadableImage if it can't,
     including a truncated JPEG or PNG.
@@ -170,11 +179,7 @@ def load_image(path: str | os.PathLike, fits: Callable[[int, int], bool] | None 
     `fits(width, height)`: whether an image of that size still holds every pixel the caller needs; JPEGs are then
     decoded at the smallest DCT scale that fits (see reduction_factor).
     """
-    global _cv2_quiet
-    if not _cv2_quiet:
-        # libjpeg's "Premature end of JPEG file" and similar go to stderr otherwise; we report bad files ourselves.
-        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
-        _cv2_quiet = True
+    _quiet_opencv()
     path = os.fspath(path)
     try:
         with open(path, "rb") as f:
@@ -186,34 +191,41 @@ def load_image(path: str | os.PathLike, fits: Callable[[int, int], bool] | None 
         raise UnreadableImage(path, "file not found") from None
     except OSError as e:
         raise UnreadableImage(path, e.strerror or str(e)) from None
+    if data.startswith((JPEG_SIGNATURE, PNG_SIGNATURE)):
+        return decode_image(data, path, fits)
     if not data:
         raise UnreadableImage(path, "empty file")
-    if data.startswith(JPEG_SIGNATURE):
-        header = read_jpeg_header(data)
-        if not _jpeg_is_whole(data, header):
-            raise UnreadableImage(path, CUT_SHORT)
-        return _decode_in_memory(path, data, reduction_factor(header.width, header.height, fits))
-    if data.startswith(PNG_SIGNATURE):
-        if not _png_is_whole(data):
-            raise UnreadableImage(path, CUT_SHORT)
-        return _decode_in_memory(path, data, 1)
     # Other formats: OpenCV's decoders reject a cut file, and read these from the path faster than from memory.
     image = cv2.imread(path, cv2.IMREAD_COLOR_RGB)
     return image if image is not None else _decode_with_pillow(path, path)
 
 
-def _decode_in_memory(path: str, data: bytes, factor: int) -> np.ndarray:
+def decode_image(data: bytes, name: str, fits: Callable[[int, int], bool] | None = None) -> np.ndarray:
+    """load_image for an encoded image already in memory (a file's bytes, a shard member); `name` is what errors
+    report. Truncated JPEGs and PNGs are UnreadableImage here too."""
+    if not data:
+        raise UnreadableImage(name, "empty file")
+    _quiet_opencv()
+    factor = 1
+    if data.startswith(JPEG_SIGNATURE):
+        header = read_jpeg_header(data)
+        if not _jpeg_is_whole(data, header):
+            raise UnreadableImage(name, CUT_SHORT)
+        factor = reduction_factor(header.width, header.height, fits)
+    elif data.startswith(PNG_SIGNATURE) and not _png_is_whole(data):
+        raise UnreadableImage(name, CUT_SHORT)
     buffer = np.frombuffer(data, np.uint8)
     if factor > 1:
         image = cv2.imdecode(buffer, REDUCED_RGB_FLAGS[factor])
         if image is not None:
             return image
     image = cv2.imdecode(buffer, cv2.IMREAD_COLOR_RGB)
-    return image if image is not None else _decode_with_pillow(path, io.BytesIO(data))
+    return image if image is not None else _decode_with_pillow(name, io.BytesIO(data))
 
 
-def _decode_with_pillow(path: str, file: str | BinaryIO) -> np.ndarray:
-    """Pillow, for the files OpenCV cannot open; UnreadableImage if it cannot either."""
+def _decode_with_pillow(name: str, file: str | BinaryIO) -> np.ndarray:
+    """Pillow, for the files OpenCV cannot open (in EXIF orientation, 16-bit greyscale scaled to 8 bits);
+    UnreadableImage if it cannot either."""
     try:
         with Image.open(file) as pil_image:
             pil_image = ImageOps.exif_transpose(pil_image)
@@ -223,7 +235,8 @@ def _decode_with_pillow(path: str, file: str | BinaryIO) -> np.ndarray:
                 return np.ascontiguousarray(np.repeat(pixels[:, :, None], 3, axis=2))
             return np.asarray(pil_image.convert("RGB"))
     except Exception as e:  # Pillow raises many types for broken files; all mean "unreadable"
-        raise UnreadableImage(path, f"{type(e).__name__}: {e}") from None
+        message = str(e) if isinstance(file, str) else str(e).replace(str(file), "image data")
+        raise UnreadableImage(name, f"{type(e).__name__}: {message}") from None
 
 
 class DecodedImageCache:

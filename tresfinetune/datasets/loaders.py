@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from tresfinetune.datasets.images import DecodedImageCache, UnreadableImage, load_image
-from tresfinetune.datasets.source import DataSource, Sample, build_source
+from tresfinetune.datasets.source import DataSource, Sample, build_source, has_unknown_labels
 from tresfinetune.datasets.transforms import build_transforms
 from tresfinetune.errors import UserError
 from tresfinetune.tasks import MULTI_LABEL
@@ -38,6 +38,7 @@ REPORT_FIRST = 5  # paths named in the skipped-images message
 class BadSample(NamedTuple):
     path: str
     reason: str
+    kind: str = "image"  # or "shard": a webdataset shard that could not be read to its end
 
 
 class ImageDataset(Dataset):
@@ -139,21 +140,27 @@ class BadImageLog:
     def __init__(self, on_bad_image: str = "skip"):
         self.on_bad_image = on_bad_image
         self.paths: dict[str, str] = {}  # path -> reason, in the order met
+        self.shards: set[str] = set()  # those of `paths` that are damaged webdataset shards
         self._reported = 0
 
     def add(self, bad: list[BadSample]) -> None:
         if bad and self.on_bad_image == "error":
-            raise UserError(f"cannot read image '{bad[0].path}' ({bad[0].reason}); fix or delete it, or set "
+            raise UserError(f"cannot read {bad[0].kind} '{bad[0].path}' ({bad[0].reason}); fix or delete it, or set "
                             "data.on_bad_image: skip to train without it")
         for item in bad:
             self.paths.setdefault(item.path, item.reason)
+            if item.kind == "shard":
+                self.shards.add(item.path)
 
     def report(self) -> None:
         new = list(self.paths)[self._reported:]
-        if new:
-            shown = ", ".join(new[:REPORT_FIRST]) + (", ..." if len(new) > REPORT_FIRST else "")
-            log.warning("skipped %d unreadable image(s): %s", len(new), shown)
-            self._reported = len(self.paths)
+        images = [path for path in new if path not in self.shards]
+        if images:
+            shown = ", ".join(images[:REPORT_FIRST]) + (", ..." if len(images) > REPORT_FIRST else "")
+            log.warning("skipped %d unreadable image(s): %s", len(images), shown)
+        for shard in (path for path in new if path in self.shards):
+            log.warning("skipped the rest of shard %s: %s", shard, self.paths[shard])
+        self._reported = len(self.paths)
 
 
 class ImageLoader(DataLoader):
@@ -173,6 +180,14 @@ class ImageLoader(DataLoader):
             self.bad_images.report()
 
 
+def dataset_has_unknown_labels(dataset: Dataset) -> bool:
+    """Whether a loader's multi-label targets include unknowns (-1): listed samples are looked at, streamed shards
+    say so themselves (their dataset.json)."""
+    if hasattr(dataset, "has_unknown_labels"):
+        return dataset.has_unknown_labels
+    return has_unknown_labels(dataset.samples)
+
+
 def _worker_init(worker_id: int) -> None:
     # The augmentation is reseeded per sample; this seeds anything else a custom transform might draw from.
     seed = torch.initial_seed() % 2**32
@@ -189,6 +204,8 @@ def build_loaders(recipe: Recipe, source: DataSource | None = None, rank: int = 
     """
     if source is None:
         source = build_source(recipe.data)
+    if hasattr(source, "build_loaders"):  # streamed, not indexed (shards): the source makes its own loaders
+        return source.build_loaders(recipe, rank, world_size, device)
     train_samples = source.split(recipe.data.train_split)
     val_samples = source.split(recipe.data.val_split)
     if not train_samples:

@@ -10,6 +10,7 @@ asked for.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import logging
 from collections.abc import Callable, Iterator, Mapping
@@ -121,19 +122,23 @@ def _naming(classes: list[str], shown: int = 5) -> str:
 @dataclass(frozen=True)
 class SourceInfo:
     build: Callable[..., DataSource]
-    task: str
+    task: str | None  # None: it depends on the data (see from_data)
     # Default-augmentation hints: whether horizontal flips keep the label (not for digits), and the smallest crop
     # area of the default RandomResizedCrop (None: the general default).
     hflip: bool = True
     crop_scale: tuple[float, float] | None = None
+    # For sources whose task and hints depend on the data (webdataset shards): data config -> the fields above that
+    # the data sets ({"task": ..., "hflip": ..., "crop_scale": ...}, any of them), read cheaply.
+    from_data: Callable[..., dict] | None = None
 
 
 _REGISTRY: dict[str, SourceInfo] = {}
 
 
-def register(name: str, task: str, hflip: bool = True, crop_scale: tuple[float, float] | None = None) -> Callable:
+def register(name: str, task: str | None, hflip: bool = True, crop_scale: tuple[float, float] | None = None,
+             from_data: Callable[..., dict] | None = None) -> Callable:
     def add(build: Callable[..., DataSource]) -> Callable[..., DataSource]:
-        _REGISTRY[name] = SourceInfo(build, task, hflip, crop_scale)
+        _REGISTRY[name] = SourceInfo(build, task, hflip, crop_scale, from_data)
         return build
 
     return add
@@ -143,6 +148,13 @@ def source_info(name: str) -> SourceInfo:
     if name not in _REGISTRY:
         raise UserError(f"unknown dataset '{name}'; available: {', '.join(_REGISTRY)}")
     return _REGISTRY[name]
+
+
+def source_defaults(data_cfg: Any) -> SourceInfo:
+    """The recipe's source's registry entry, with what its data say filled in (task None: unknown until the data
+    can be read)."""
+    info = source_info(data_cfg.name)
+    return dataclasses.replace(info, **info.from_data(data_cfg)) if info.from_data is not None else info
 
 
 def registered_names() -> list[str]:

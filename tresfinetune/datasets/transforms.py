@@ -353,12 +353,12 @@ class Pipeline:
 
 def transform_spec(recipe: Recipe, train: bool) -> list:
     """The recipe's transform list for train / val (or the default for its dataset), sizes filled from input_size."""
-    from tresfinetune.datasets.source import source_info
+    from tresfinetune.datasets.source import source_defaults
     from tresfinetune.tasks import MULTI_LABEL
 
     spec = recipe.transforms.train if train else recipe.transforms.val
     if spec is None:
-        info = source_info(recipe.data.name)
+        info = source_defaults(recipe.data)
         spec = default_spec(recipe.input_size, train, multi_label=info.task == MULTI_LABEL, hflip=info.hflip,
                             crop_scale=info.crop_scale)
     return fill_sizes(spec, recipe.input_size, recipe.transforms.crop_pct, f"transforms.{'train' if train else 'val'}")
