@@ -231,7 +231,8 @@ def test_resume_with_other_classes_is_a_clear_error(tmp_path):
 
 def test_resume_with_another_amp_setting(tmp_path):
     """A bf16 run saves an empty GradScaler state; resuming it with fp16 (and that with none) starts a fresh one."""
-    train(recipe_from_dict(digits_recipe(epochs=1, amp="bf16")), output=tmp_path / "run", progress=False)
+    raw = digits_recipe(epochs=1, amp="bf16", data={"name": "digits", "limit": 16}, batch_size=8)
+    train(recipe_from_dict(raw), output=tmp_path / "run", progress=False)
     for epochs, amp in ((2, "fp16"), (3, "none")):
         result = train(resume=tmp_path / "run", overrides=[f"epochs={epochs}", f"amp={amp}"], progress=False)
         assert result.history[-1]["epoch"] == epochs
