@@ -115,3 +115,20 @@ def test_amp_picks_fp16_on_gpus_without_native_bf16():
     assert half_dtype_for_capability((7, 5)) == torch.float16  # T4
     assert half_dtype_for_capability((8, 0)) == torch.bfloat16  # A100
     assert half_dtype_for_capability((9, 0)) == torch.bfloat16  # H100
+
+
+def test_grad_checkpointing_trains_and_estimates_less_memory_per_image():
+    result = benchmark("tresnet_m", grad_checkpointing=True, **TINY)
+    assert result.grad_checkpointing and result.train_img_per_s > 0
+    estimates = {}
+    for checkpointing in (False, True):
+        model = create_model("tresnet_m", num_classes=10)
+        model.set_grad_checkpointing(checkpointing)
+        estimates[checkpointing] = estimated_cpu_batch(model, 64, torch.device("cpu"), None)
+    per_image = {k: float(how.split("~")[1].split(" MiB")[0]) for k, (_, how) in estimates.items()}
+    # Segment inputs plus one recomputed segment: well under everything the plain model keeps.
+    assert 0.05 * per_image[False] < per_image[True] < 0.6 * per_image[False]
+    cli_result = CliRunner().invoke(cli, ["benchmark", "--input-size", "32", "--batch-size", "2", "--steps", "1",
+                                          "--warmup", "0", "--threads", "1", "--grad-checkpointing"],
+                                    env={"COLUMNS": "160"})
+    assert cli_result.exit_code == 0 and "grad checkpointing" in cli_result.output, cli_result.output

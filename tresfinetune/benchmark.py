@@ -45,6 +45,7 @@ class BenchmarkResult:
     amp: str | None  # autocast dtype, e.g. "bfloat16"
     channels_last: bool
     compile: bool
+    grad_checkpointing: bool
     fused: bool  # inference measured on the fused model (training always runs the trainable model)
     train_img_per_s: float | None
     infer_img_per_s: float
@@ -247,12 +248,33 @@ def saved_activation_bytes(model: nn.Module, images: torch.Tensor, amp_dtype: to
     return sum(storages.values())
 
 
+def recomputed_segment_bytes(model: nn.Module, images: torch.Tensor, amp_dtype: torch.dtype | None) -> int:
+    """With grad checkpointing: the most any one body segment saves when backward recomputes it."""
+    from tresfinetune.models.checkpointing import body_segments
+
+    largest, x = 0, images
+    for modules in body_segments(model.body):
+        segment = nn.Sequential(*modules)
+        largest = max(largest, saved_activation_bytes(segment, x, amp_dtype))
+        with torch.no_grad(), autocast(x.device, amp_dtype):
+            x = segment(x)
+    return largest
+
+
+def _training_bytes(model: nn.Module, images: torch.Tensor, amp_dtype: torch.dtype | None) -> int:
+    """What a training forward holds for backward; checkpointed, the segment inputs plus one recomputation."""
+    held = saved_activation_bytes(model.train(), images, amp_dtype)
+    if getattr(model, "grad_checkpointing", False):
+        held += recomputed_segment_bytes(model, images, amp_dtype)
+    return held
+
+
 def estimated_cpu_batch(model: nn.Module, input_size: int, device: torch.device,
                         amp_dtype: torch.dtype | None) -> tuple[int, str]:
     """(largest CPU batch, how it was found) from the activation memory of one image and the available RAM."""
     # Two batch sizes: the difference leaves out what does not grow with the batch (weights, their autocast copies).
-    saved = {size: saved_activation_bytes(model.train(), torch.rand(size, 3, input_size, input_size, device=device),
-                                          amp_dtype) for size in (2, 4)}
+    saved = {size: _training_bytes(model, torch.rand(size, 3, input_size, input_size, device=device), amp_dtype)
+             for size in (2, 4)}
     per_image = max((saved[4] - saved[2]) / 2, 1.0)
     # Weights, gradients and SGD momentum: three float32 copies of the parameters.
     fixed = 3 * sum(p.numel() * p.element_size() for p in model.parameters())
@@ -322,6 +344,7 @@ def benchmark(
     amp: bool = False,
     channels_last: bool = False,
     compile: bool = False,
+    grad_checkpointing: bool = False,
     device: str = "cpu",
     fused: bool = False,
     warmup: int = 2,
@@ -334,6 +357,7 @@ def benchmark(
 
     batch_size: a number, or "auto" (90% of the largest training batch, see the module docstring). fused:
     measure inference on fuse_for_inference(model). train=False skips the training measurement.
+    grad_checkpointing: training (and the largest-batch search) recomputes activations in backward.
     """
     from tresfinetune.models import create_model, fuse_for_inference
 
@@ -350,10 +374,13 @@ def benchmark(
     amp_dtype = half_dtype(torch_device) if amp else None
     notes: list[str] = []
 
-    with _threads(threads), _cudnn_autotuner():
+    def build() -> nn.Module:
         model = create_model(model_name, num_classes=num_classes).to(torch_device)
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
+        model.set_grad_checkpointing(grad_checkpointing)
+        return model.to(memory_format=torch.channels_last) if channels_last else model
+
+    with _threads(threads), _cudnn_autotuner():
+        model = build()
         max_batch = None
         if auto:
             # Searched on the eager model: torch.compile would recompile for every batch size tried.
@@ -366,9 +393,7 @@ def benchmark(
                 max_batch, how = estimated_cpu_batch(model, input_size, torch_device, amp_dtype)
                 notes.append(how)
             if torch_device.type == "cuda":  # a fresh model: no gradients or optimizer state from the search
-                model = create_model(model_name, num_classes=num_classes).to(torch_device)
-                if channels_last:
-                    model = model.to(memory_format=torch.channels_last)
+                model = build()
                 _free_cuda()
             batch_size = max(2, int(max_batch * AUTO_FRACTION))
         batch = _random_batch(batch_size, input_size, num_classes, torch_device, channels_last)
@@ -398,7 +423,7 @@ def benchmark(
     return BenchmarkResult(
         model=model_name, input_size=input_size, device=str(torch_device), batch_size=int(batch_size),
         max_batch_size=max_batch, amp=None if amp_dtype is None else str(amp_dtype).removeprefix("torch."),
-        channels_last=channels_last, compile=compile, fused=fused,
+        channels_last=channels_last, compile=compile, grad_checkpointing=grad_checkpointing, fused=fused,
         train_img_per_s=train_speed, infer_img_per_s=infer_speed,
         train_peak_memory_mib=train_memory, infer_peak_memory_mib=infer_memory.mib,
         memory_measure=memory_measure, notes=notes,
@@ -414,6 +439,7 @@ def benchmark_table(results: list[BenchmarkResult]) -> Table:
     first = results[0]
     settings = [f"{first.device}", f"{first.input_size}px", f"amp {first.amp or 'off'}"]
     settings += [name for name, on in (("channels_last", first.channels_last), ("compile", first.compile),
+                                       ("grad checkpointing", first.grad_checkpointing),
                                        ("fused inference", first.fused)) if on]
     table = Table(title=f"Speed ({', '.join(settings)})", title_justify="left")
     for column in ("model", "train img/s", "infer img/s", "max train batch", "batch used", "train peak MiB",

@@ -265,6 +265,7 @@ def export(checkpoint: str, export_format: str | None, output: str) -> None:
 @click.option("--amp", is_flag=True, help="Mixed precision (bf16, or fp16 on GPUs without bf16).")
 @click.option("--channels-last", is_flag=True, help="NHWC memory layout.")
 @click.option("--compile", "use_compile", is_flag=True, help="torch.compile the model.")
+@click.option("--grad-checkpointing", is_flag=True, help="Recompute activations in backward (less memory).")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 @click.option("--fused", is_flag=True, help="Measure inference on the fused model (norms folded into convs).")
 @click.option("--steps", default=10, show_default=True, help="Timed steps per measurement.")
@@ -273,7 +274,8 @@ def export(checkpoint: str, export_format: str | None, output: str) -> None:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the numbers as JSON here.")
 @user_errors
 def benchmark(model_name: str, input_size: int, batch_size: str, amp: bool, channels_last: bool, use_compile: bool,
-              device: str, fused: bool, steps: int, warmup: int, threads: int | None, json_path: str | None) -> None:
+              grad_checkpointing: bool, device: str, fused: bool, steps: int, warmup: int, threads: int | None,
+              json_path: str | None) -> None:
     """Training and inference speed (img/s) and peak memory, like the paper's speed table."""
     import json
 
@@ -281,8 +283,8 @@ def benchmark(model_name: str, input_size: int, batch_size: str, amp: bool, chan
     from tresfinetune.benchmark import benchmark_table, parse_batch_size
 
     result = run_benchmark(model_name, input_size, parse_batch_size(batch_size), amp=amp, channels_last=channels_last,
-                           compile=use_compile, device=device, fused=fused, warmup=warmup, steps=steps,
-                           threads=threads)
+                           compile=use_compile, grad_checkpointing=grad_checkpointing, device=device, fused=fused,
+                           warmup=warmup, steps=steps, threads=threads)
     console.print(benchmark_table([result]))
     if json_path:
         with open(json_path, "w") as f:

@@ -236,6 +236,7 @@ def _train(
         except RuntimeError:
             raise UserError(f"the weights in '{ckpt['path']}' do not fit a {recipe.model.name} with {num_classes} "
                             f"classes; did the dataset or data.* settings change since the run started?") from None
+    model.set_grad_checkpointing(recipe.grad_checkpointing)
     model.to(device)
     channels_last = recipe.channels_last and device.type == "cuda"
     if channels_last:
