@@ -24,7 +24,8 @@ def test_cpu_smoke_runs_every_section(tmp_path):
         ("ours", "bf16", True), ("timm", "bf16", True)]
     assert all(r["status"] == "ok" and r["train_img_per_s"] > 0 and r["infer_img_per_s"] > 0 for r in rows)
     # The search against simulated limits of 3 and 5 images finds them exactly.
-    assert report["largest_batch"] == {"plain": {"largest_batch": 3}, "grad_checkpointing": {"largest_batch": 5}}
+    assert report["largest_batch"] == {"plain": {"largest_batch": 3, "search_cap_reached": False},
+                                       "grad_checkpointing": {"largest_batch": 5, "search_cap_reached": False}}
     train, ddp = report["checks"]["train_digits"], report["checks"]["torchrun_ddp"]
     assert train["passed"] and train["train_loss"][1] < train["train_loss"][0]
     assert ddp["passed"] and ddp["backend"] == "gloo"
