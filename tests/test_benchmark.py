@@ -128,7 +128,14 @@ def test_grad_checkpointing_trains_and_estimates_less_memory_per_image():
     per_image = {k: float(how.split("~")[1].split(" MiB")[0]) for k, (_, how) in estimates.items()}
     # Segment inputs plus one recomputed segment: well under everything the plain model keeps.
     assert 0.05 * per_image[False] < per_image[True] < 0.6 * per_image[False]
+
+def test_cli_grad_checkpointing_shows_the_trade(tmp_path):
     cli_result = CliRunner().invoke(cli, ["benchmark", "--input-size", "32", "--batch-size", "2", "--steps", "1",
-                                          "--warmup", "0", "--threads", "1", "--grad-checkpointing"],
-                                    env={"COLUMNS": "160"})
-    assert cli_result.exit_code == 0 and "grad checkpointing" in cli_result.output, cli_result.output
+                                          "--warmup", "0", "--threads", "1", "--grad-checkpointing", "--json",
+                                          str(tmp_path / "b.json")], env={"COLUMNS": "160"})
+    assert cli_result.exit_code == 0, cli_result.output
+    assert "tresnet_m + grad checkpointing" in cli_result.output and "training img/s" in cli_result.output
+    numbers = json.loads((tmp_path / "b.json").read_text())
+    assert not numbers["plain"]["grad_checkpointing"] and numbers["grad_checkpointing"]["grad_checkpointing"]
+    assert numbers["trade"]["train_img_per_s"] == pytest.approx(
+        numbers["grad_checkpointing"]["train_img_per_s"] / numbers["plain"]["train_img_per_s"])

@@ -439,19 +439,38 @@ def benchmark_table(results: list[BenchmarkResult]) -> Table:
     first = results[0]
     settings = [f"{first.device}", f"{first.input_size}px", f"amp {first.amp or 'off'}"]
     settings += [name for name, on in (("channels_last", first.channels_last), ("compile", first.compile),
-                                       ("grad checkpointing", first.grad_checkpointing),
                                        ("fused inference", first.fused)) if on]
     table = Table(title=f"Speed ({', '.join(settings)})", title_justify="left")
     for column in ("model", "train img/s", "infer img/s", "max train batch", "batch used", "train peak MiB",
                    "infer peak MiB"):
         table.add_column(column, justify="left" if column == "model" else "right")
     for r in results:
-        table.add_row(r.model, _number(r.train_img_per_s, 1), _number(r.infer_img_per_s, 1),
+        label = r.model + (" + grad checkpointing" if r.grad_checkpointing else "")
+        table.add_row(label, _number(r.train_img_per_s, 1), _number(r.infer_img_per_s, 1),
                       "-" if r.max_batch_size is None else str(r.max_batch_size), str(r.batch_size),
                       _number(r.train_peak_memory_mib), _number(r.infer_peak_memory_mib))
     notes = [note for r in results for note in r.notes]
     table.caption = "; ".join([f"memory: {first.memory_measure}", *notes])
     return table
+
+
+def checkpointing_trade(plain: BenchmarkResult, checkpointed: BenchmarkResult) -> dict[str, float | None]:
+    """Ratios of the checkpointed run to the plain one: training peak memory, training img/s, largest batch."""
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return None if a is None or not b else a / b
+
+    return {"train_peak_memory": ratio(checkpointed.train_peak_memory_mib, plain.train_peak_memory_mib),
+            "train_img_per_s": ratio(checkpointed.train_img_per_s, plain.train_img_per_s),
+            "max_batch_size": ratio(checkpointed.max_batch_size, plain.max_batch_size)}
+
+
+def describe_trade(trade: dict[str, float | None]) -> str:
+    parts = [f"{label} {value:.2f}x" for label, value in (("training peak memory", trade["train_peak_memory"]),
+                                                         ("training img/s", trade["train_img_per_s"]),
+                                                         ("largest batch", trade["max_batch_size"]))
+             if value is not None]
+    return "grad checkpointing: " + (", ".join(parts) if parts else "no comparable numbers") + " of the plain model's"
 
 
 def parse_batch_size(text: str | int) -> int | str:

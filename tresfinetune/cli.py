@@ -265,7 +265,8 @@ def export(checkpoint: str, export_format: str | None, output: str) -> None:
 @click.option("--amp", is_flag=True, help="Mixed precision (bf16, or fp16 on GPUs without bf16).")
 @click.option("--channels-last", is_flag=True, help="NHWC memory layout.")
 @click.option("--compile", "use_compile", is_flag=True, help="torch.compile the model.")
-@click.option("--grad-checkpointing", is_flag=True, help="Recompute activations in backward (less memory).")
+@click.option("--grad-checkpointing", is_flag=True,
+              help="Also measure with activations recomputed in backward, and show the trade.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 @click.option("--fused", is_flag=True, help="Measure inference on the fused model (norms folded into convs).")
 @click.option("--steps", default=10, show_default=True, help="Timed steps per measurement.")
@@ -280,15 +281,24 @@ def benchmark(model_name: str, input_size: int, batch_size: str, amp: bool, chan
     import json
 
     from tresfinetune.benchmark import benchmark as run_benchmark
-    from tresfinetune.benchmark import benchmark_table, parse_batch_size
+    from tresfinetune.benchmark import benchmark_table, checkpointing_trade, describe_trade, parse_batch_size
 
-    result = run_benchmark(model_name, input_size, parse_batch_size(batch_size), amp=amp, channels_last=channels_last,
-                           compile=use_compile, grad_checkpointing=grad_checkpointing, device=device, fused=fused,
-                           warmup=warmup, steps=steps, threads=threads)
-    console.print(benchmark_table([result]))
+    def run(checkpointing: bool):
+        return run_benchmark(model_name, input_size, parse_batch_size(batch_size), amp=amp,
+                             channels_last=channels_last, compile=use_compile, grad_checkpointing=checkpointing,
+                             device=device, fused=fused, warmup=warmup, steps=steps, threads=threads)
+
+    # --grad-checkpointing measures the model both ways, to show the trade.
+    results = [run(False), run(True)] if grad_checkpointing else [run(False)]
+    console.print(benchmark_table(results))
+    numbers = results[0].as_dict()
+    if grad_checkpointing:
+        trade = checkpointing_trade(*results)
+        console.print(describe_trade(trade), highlight=False)
+        numbers = {"plain": numbers, "grad_checkpointing": results[1].as_dict(), "trade": trade}
     if json_path:
         with open(json_path, "w") as f:
-            json.dump(result.as_dict(), f, indent=2)
+            json.dump(numbers, f, indent=2)
         console.print(f"numbers written to {json_path}", highlight=False)
 
 
