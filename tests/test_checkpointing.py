@@ -131,6 +131,18 @@ def test_keeps_only_the_segment_inputs_and_checkpoints_only_in_training():
         torch.testing.assert_close(checkpointed(x), plain.eval()(x))
 
 
+def test_compiled_model_gets_the_same_gradients_and_statistics():
+    """Under torch.compile the segments are traced (without replay contexts) and the norms run as plain batch norm.
+
+    aot_eager traces forward and backward as inductor does, minus code generation, which takes minutes on a CPU.
+    """
+    plain, checkpointed = pair()
+    x, y = batch()
+    train_step(plain.train(), x, y)
+    train_step(torch.compile(checkpointed.train(), backend="aot_eager"), x, y)
+    assert_same_training_state(plain, checkpointed, rtol=1e-9, atol=1e-12)
+
+
 def test_ema_copies_and_the_switch_can_be_turned_off():
     _, checkpointed = pair()
     ema = ModelEma(checkpointed, 0.9)
