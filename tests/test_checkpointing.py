@@ -103,6 +103,19 @@ def saved_storages(forward, x):
     return storages
 
 
+def test_norm_layers_in_eval_mode_inside_a_training_segment():
+    """Frozen (eval-mode) norms among training ones: each layer replays its own choice, eval ones keep their stats."""
+    plain, checkpointed = pair(dtype=torch.float32)
+    x, y = batch(torch.float32)
+    for model in (plain, checkpointed):
+        model.train()
+        for layer in model.norm_layers()[::2]:
+            layer.eval()
+        for _ in range(2):
+            train_step(model, x, y, torch.bfloat16)
+    assert_same_training_state(plain, checkpointed, rtol=1e-2, atol=1e-4)
+
+
 def test_keeps_only_the_segment_inputs_and_checkpoints_only_in_training():
     plain, checkpointed = pair(dtype=torch.float32)
     x, _ = batch(torch.float32)

@@ -398,9 +398,10 @@ class NormAct(nn.Module):
         if self.training and x.numel() // x.shape[1] <= 1:
             raise ValueError(f"batch norm in training mode needs more than 1 value per channel, got {list(x.shape)}")
         segment = _active_segment()
-        replaying = segment is not None and segment.replaying and self.training
+        replaying = segment is not None and segment.replaying
         # A checkpoint recomputation normalises with the same batch statistics but must not count them again.
-        running_mean, running_var = (None, None) if replaying else (self.running_mean, self.running_var)
+        counted = replaying and self.training
+        running_mean, running_var = (None, None) if counted else (self.running_mean, self.running_var)
         if self.training and self.sync_group is not None and _world_size(self.sync_group) > 1:
             return SyncNormActFunction.apply(
                 x, self.weight, self.bias, running_mean, running_var, self.momentum, self.eps,
