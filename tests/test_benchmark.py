@@ -134,8 +134,11 @@ def test_cli_grad_checkpointing_shows_the_trade(tmp_path):
                                           "--warmup", "0", "--threads", "1", "--grad-checkpointing", "--json",
                                           str(tmp_path / "b.json")], env={"COLUMNS": "160"})
     assert cli_result.exit_code == 0, cli_result.output
-    assert "tresnet_m + grad checkpointing" in cli_result.output and "training img/s" in cli_result.output
+    assert "tresnet_m + grad checkpointing" in cli_result.output
+    assert "activations per image" in cli_result.output and "training img/s" in cli_result.output
     numbers = json.loads((tmp_path / "b.json").read_text())
     assert not numbers["plain"]["grad_checkpointing"] and numbers["grad_checkpointing"]["grad_checkpointing"]
     assert numbers["trade"]["train_img_per_s"] == pytest.approx(
         numbers["grad_checkpointing"]["train_img_per_s"] / numbers["plain"]["train_img_per_s"])
+    # Segment inputs plus one recomputed segment: well under half of what the plain model holds per image.
+    assert 0.2 < numbers["trade"]["activation_memory"] < 0.5

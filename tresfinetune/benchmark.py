@@ -269,13 +269,19 @@ def _training_bytes(model: nn.Module, images: torch.Tensor, amp_dtype: torch.dty
     return held
 
 
-def estimated_cpu_batch(model: nn.Module, input_size: int, device: torch.device,
-                        amp_dtype: torch.dtype | None) -> tuple[int, str]:
-    """(largest CPU batch, how it was found) from the activation memory of one image and the available RAM."""
+def activation_bytes_per_image(model: nn.Module, input_size: int, device: torch.device,
+                               amp_dtype: torch.dtype | None) -> float:
+    """What a training forward holds for backward, per image of the batch."""
     # Two batch sizes: the difference leaves out what does not grow with the batch (weights, their autocast copies).
     saved = {size: _training_bytes(model, torch.rand(size, 3, input_size, input_size, device=device), amp_dtype)
              for size in (2, 4)}
-    per_image = max((saved[4] - saved[2]) / 2, 1.0)
+    return max((saved[4] - saved[2]) / 2, 1.0)
+
+
+def estimated_cpu_batch(model: nn.Module, input_size: int, device: torch.device,
+                        amp_dtype: torch.dtype | None) -> tuple[int, str]:
+    """(largest CPU batch, how it was found) from the activation memory of one image and the available RAM."""
+    per_image = activation_bytes_per_image(model, input_size, device, amp_dtype)
     # Weights, gradients and SGD momentum: three float32 copies of the parameters.
     fixed = 3 * sum(p.numel() * p.element_size() for p in model.parameters())
     available = available_memory_bytes()
@@ -454,22 +460,42 @@ def benchmark_table(results: list[BenchmarkResult]) -> Table:
     return table
 
 
-def checkpointing_trade(plain: BenchmarkResult, checkpointed: BenchmarkResult) -> dict[str, float | None]:
-    """Ratios of the checkpointed run to the plain one: training peak memory, training img/s, largest batch."""
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
 
-    def ratio(a: float | None, b: float | None) -> float | None:
-        return None if a is None or not b else a / b
 
-    return {"train_peak_memory": ratio(checkpointed.train_peak_memory_mib, plain.train_peak_memory_mib),
-            "train_img_per_s": ratio(checkpointed.train_img_per_s, plain.train_img_per_s),
-            "max_batch_size": ratio(checkpointed.max_batch_size, plain.max_batch_size)}
+def benchmark_checkpointing(model_name: str, **options) -> tuple[list[BenchmarkResult], dict[str, float | None]]:
+    """The model measured without and with grad checkpointing, and the trade: checkpointed / plain ratios.
+
+    On a GPU the ratio of peak memory is max_memory_allocated's. On the CPU two runs in one process cannot be
+    compared by RSS growth (the second reuses what the first freed), so the CPU trade compares the activation memory
+    a training step holds per image instead: saved tensors, plus one recomputed segment when checkpointed.
+    """
+    plain = benchmark(model_name, grad_checkpointing=False, **options)
+    checkpointed = benchmark(model_name, grad_checkpointing=True, **options)
+    trade = {"train_peak_memory": _ratio(checkpointed.train_peak_memory_mib, plain.train_peak_memory_mib),
+             "activation_memory": None,
+             "train_img_per_s": _ratio(checkpointed.train_img_per_s, plain.train_img_per_s),
+             "max_batch_size": _ratio(checkpointed.max_batch_size, plain.max_batch_size)}
+    if plain.device == "cpu" and plain.train_img_per_s is not None:
+        from tresfinetune.models import create_model
+
+        held = {}
+        with _threads(options.get("threads")):
+            amp_dtype = torch.bfloat16 if plain.amp else None
+            for checkpointing in (False, True):
+                model = create_model(model_name, num_classes=options.get("num_classes", 1000))
+                model.set_grad_checkpointing(checkpointing)
+                held[checkpointing] = activation_bytes_per_image(model, plain.input_size, torch.device("cpu"),
+                                                                 amp_dtype)
+        trade.update(train_peak_memory=None, activation_memory=_ratio(held[True], held[False]))
+    return [plain, checkpointed], trade
 
 
 def describe_trade(trade: dict[str, float | None]) -> str:
-    parts = [f"{label} {value:.2f}x" for label, value in (("training peak memory", trade["train_peak_memory"]),
-                                                         ("training img/s", trade["train_img_per_s"]),
-                                                         ("largest batch", trade["max_batch_size"]))
-             if value is not None]
+    labels = {"train_peak_memory": "training peak memory", "activation_memory": "activations per image",
+              "train_img_per_s": "training img/s", "max_batch_size": "largest batch"}
+    parts = [f"{label} {trade[key]:.2f}x" for key, label in labels.items() if trade.get(key) is not None]
     return "grad checkpointing: " + (", ".join(parts) if parts else "no comparable numbers") + " of the plain model's"
 
 

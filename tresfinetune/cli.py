@@ -281,19 +281,19 @@ def benchmark(model_name: str, input_size: int, batch_size: str, amp: bool, chan
     import json
 
     from tresfinetune.benchmark import benchmark as run_benchmark
-    from tresfinetune.benchmark import benchmark_table, checkpointing_trade, describe_trade, parse_batch_size
+    from tresfinetune.benchmark import benchmark_checkpointing, benchmark_table, describe_trade, parse_batch_size
 
-    def run(checkpointing: bool):
-        return run_benchmark(model_name, input_size, parse_batch_size(batch_size), amp=amp,
-                             channels_last=channels_last, compile=use_compile, grad_checkpointing=checkpointing,
-                             device=device, fused=fused, warmup=warmup, steps=steps, threads=threads)
-
+    options = dict(input_size=input_size, batch_size=parse_batch_size(batch_size), amp=amp,
+                   channels_last=channels_last, compile=use_compile, device=device, fused=fused, warmup=warmup,
+                   steps=steps, threads=threads)
     # --grad-checkpointing measures the model both ways, to show the trade.
-    results = [run(False), run(True)] if grad_checkpointing else [run(False)]
+    if grad_checkpointing:
+        results, trade = benchmark_checkpointing(model_name, **options)
+    else:
+        results = [run_benchmark(model_name, **options)]
     console.print(benchmark_table(results))
     numbers = results[0].as_dict()
     if grad_checkpointing:
-        trade = checkpointing_trade(*results)
         console.print(describe_trade(trade), highlight=False)
         numbers = {"plain": numbers, "grad_checkpointing": results[1].as_dict(), "trade": trade}
     if json_path:
