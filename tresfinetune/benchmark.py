@@ -489,6 +489,9 @@ def benchmark_checkpointing(model_name: str, **options) -> tuple[list[BenchmarkR
                 held[checkpointing] = activation_bytes_per_image(model, plain.input_size, torch.device("cpu"),
                                                                  amp_dtype)
         trade.update(train_peak_memory=None, activation_memory=_ratio(held[True], held[False]))
+        checkpointed.train_peak_memory_mib = checkpointed.infer_peak_memory_mib = None
+        checkpointed.notes.append("CPU: the second run's RSS growth would hide what it reuses of the first's freed "
+                                  "memory, so its peaks are left out; the trade compares activations per image")
     return [plain, checkpointed], trade
 
 
