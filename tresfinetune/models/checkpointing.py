@@ -1,9 +1,9 @@
 """Activation checkpointing of TResNet's body: keep each segment's input, recompute the rest in backward.
 
 The body runs as a chain of segments: the stem, each stage's residual blocks in groups of `BLOCKS_PER_SEGMENT`,
-and the last stage (at 1/32 of the input side), which runs without checkpointing. In
-training only each segment's input stays alive; backward reruns one segment at a time to rebuild what its own
-backward needs. The native norm helps twice over: inside a segment it saves only its output, which is the next
+and the last stage (at 1/32 of the input side), which runs without checkpointing. In training only each
+checkpointed segment's input stays alive; backward reruns one segment at a time to rebuild what its own backward
+needs. The native norm helps twice over: inside a segment it saves only its output, which is the next
 conv's saved input anyway, and the segment's input is the first conv's saved input, so nothing is held twice.
 Recomputation replays each norm layer's choices and leaves the running statistics alone (see norm.py).
 
