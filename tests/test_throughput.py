@@ -115,3 +115,30 @@ def test_amp_picks_fp16_on_gpus_without_native_bf16():
     assert half_dtype_for_capability((7, 5)) == torch.float16  # T4
     assert half_dtype_for_capability((8, 0)) == torch.bfloat16  # A100
     assert half_dtype_for_capability((9, 0)) == torch.bfloat16  # H100
+
+
+def test_grad_checkpointing_trains_and_estimates_less_memory_per_image():
+    result = benchmark("tresnet_m", grad_checkpointing=True, **TINY)
+    assert result.grad_checkpointing and result.train_img_per_s > 0
+    estimates = {}
+    for checkpointing in (False, True):
+        model = create_model("tresnet_m", num_classes=10)
+        model.set_grad_checkpointing(checkpointing)
+        estimates[checkpointing] = estimated_cpu_batch(model, 64, torch.device("cpu"), None)
+    per_image = {k: float(how.split("~")[1].split(" MiB")[0]) for k, (_, how) in estimates.items()}
+    # Segment inputs plus one recomputed segment: well under everything the plain model keeps.
+    assert 0.05 * per_image[False] < per_image[True] < 0.6 * per_image[False]
+
+def test_cli_grad_checkpointing_shows_the_trade(tmp_path):
+    cli_result = CliRunner().invoke(cli, ["benchmark", "--input-size", "32", "--batch-size", "2", "--steps", "1",
+                                          "--warmup", "0", "--threads", "1", "--grad-checkpointing", "--json",
+                                          str(tmp_path / "b.json")], env={"COLUMNS": "160"})
+    assert cli_result.exit_code == 0, cli_result.output
+    assert "tresnet_m + grad checkpointing" in cli_result.output
+    assert "activations per image" in cli_result.output and "training img/s" in cli_result.output
+    numbers = json.loads((tmp_path / "b.json").read_text())
+    assert not numbers["plain"]["grad_checkpointing"] and numbers["grad_checkpointing"]["grad_checkpointing"]
+    assert numbers["trade"]["train_img_per_s"] == pytest.approx(
+        numbers["grad_checkpointing"]["train_img_per_s"] / numbers["plain"]["train_img_per_s"])
+    # Segment inputs plus one recomputed segment: well under half of what the plain model holds per image.
+    assert 0.2 < numbers["trade"]["activation_memory"] < 0.5

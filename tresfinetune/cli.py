@@ -322,6 +322,8 @@ def export(checkpoint: str, export_format: str | None, output: str) -> None:
 @click.option("--amp", is_flag=True, help="Mixed precision (bf16, or fp16 on GPUs without bf16).")
 @click.option("--channels-last", is_flag=True, help="NHWC memory layout.")
 @click.option("--compile", "use_compile", is_flag=True, help="torch.compile the model.")
+@click.option("--grad-checkpointing", is_flag=True,
+              help="Also measure with activations recomputed in backward, and show the trade.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 @click.option("--fused", is_flag=True, help="Measure inference on the fused model (norms folded into convs).")
 @click.option("--steps", default=10, show_default=True, help="Timed steps per measurement.")
@@ -330,20 +332,30 @@ def export(checkpoint: str, export_format: str | None, output: str) -> None:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the numbers as JSON here.")
 @user_errors
 def benchmark(model_name: str, input_size: int, batch_size: str, amp: bool, channels_last: bool, use_compile: bool,
-              device: str, fused: bool, steps: int, warmup: int, threads: int | None, json_path: str | None) -> None:
+              grad_checkpointing: bool, device: str, fused: bool, steps: int, warmup: int, threads: int | None,
+              json_path: str | None) -> None:
     """Training and inference speed (img/s) and peak memory, like the paper's speed table."""
     import json
 
     from tresfinetune.throughput import benchmark as run_benchmark
-    from tresfinetune.throughput import benchmark_table, parse_batch_size
+    from tresfinetune.throughput import benchmark_checkpointing, benchmark_table, describe_trade, parse_batch_size
 
-    result = run_benchmark(model_name, input_size, parse_batch_size(batch_size), amp=amp, channels_last=channels_last,
-                           compile=use_compile, device=device, fused=fused, warmup=warmup, steps=steps,
-                           threads=threads)
-    console.print(benchmark_table([result]))
+    options = dict(input_size=input_size, batch_size=parse_batch_size(batch_size), amp=amp,
+                   channels_last=channels_last, compile=use_compile, device=device, fused=fused, warmup=warmup,
+                   steps=steps, threads=threads)
+    # --grad-checkpointing measures the model both ways, to show the trade.
+    if grad_checkpointing:
+        results, trade = benchmark_checkpointing(model_name, **options)
+    else:
+        results = [run_benchmark(model_name, **options)]
+    console.print(benchmark_table(results))
+    numbers = results[0].as_dict()
+    if grad_checkpointing:
+        console.print(describe_trade(trade), highlight=False)
+        numbers = {"plain": numbers, "grad_checkpointing": results[1].as_dict(), "trade": trade}
     if json_path:
         with open(json_path, "w") as f:
-            json.dump(result.as_dict(), f, indent=2)
+            json.dump(numbers, f, indent=2)
         console.print(f"numbers written to {json_path}", highlight=False)
 
 

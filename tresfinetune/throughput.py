@@ -45,6 +45,7 @@ class BenchmarkResult:
     amp: str | None  # autocast dtype, e.g. "bfloat16"
     channels_last: bool
     compile: bool
+    grad_checkpointing: bool
     fused: bool  # inference measured on the fused model (training always runs the trainable model)
     train_img_per_s: float | None
     infer_img_per_s: float
@@ -247,13 +248,40 @@ def saved_activation_bytes(model: nn.Module, images: torch.Tensor, amp_dtype: to
     return sum(storages.values())
 
 
+def recomputed_segment_bytes(model: nn.Module, images: torch.Tensor, amp_dtype: torch.dtype | None) -> int:
+    """With grad checkpointing: the most any one body segment saves when backward recomputes it."""
+    from tresfinetune.models.checkpointing import body_segments
+
+    largest, x = 0, images
+    for modules in body_segments(model.body):
+        segment = nn.Sequential(*modules)
+        largest = max(largest, saved_activation_bytes(segment, x, amp_dtype))
+        with torch.no_grad(), autocast(x.device, amp_dtype):
+            x = segment(x)
+    return largest
+
+
+def _training_bytes(model: nn.Module, images: torch.Tensor, amp_dtype: torch.dtype | None) -> int:
+    """What a training forward holds for backward; checkpointed, the segment inputs plus one recomputation."""
+    held = saved_activation_bytes(model.train(), images, amp_dtype)
+    if getattr(model, "grad_checkpointing", False):
+        held += recomputed_segment_bytes(model, images, amp_dtype)
+    return held
+
+
+def activation_bytes_per_image(model: nn.Module, input_size: int, device: torch.device,
+                               amp_dtype: torch.dtype | None) -> float:
+    """What a training forward holds for backward, per image of the batch."""
+    # Two batch sizes: the difference leaves out what does not grow with the batch (weights, their autocast copies).
+    saved = {size: _training_bytes(model, torch.rand(size, 3, input_size, input_size, device=device), amp_dtype)
+             for size in (2, 4)}
+    return max((saved[4] - saved[2]) / 2, 1.0)
+
+
 def estimated_cpu_batch(model: nn.Module, input_size: int, device: torch.device,
                         amp_dtype: torch.dtype | None) -> tuple[int, str]:
     """(largest CPU batch, how it was found) from the activation memory of one image and the available RAM."""
-    # Two batch sizes: the difference leaves out what does not grow with the batch (weights, their autocast copies).
-    saved = {size: saved_activation_bytes(model.train(), torch.rand(size, 3, input_size, input_size, device=device),
-                                          amp_dtype) for size in (2, 4)}
-    per_image = max((saved[4] - saved[2]) / 2, 1.0)
+    per_image = activation_bytes_per_image(model, input_size, device, amp_dtype)
     # Weights, gradients and SGD momentum: three float32 copies of the parameters.
     fixed = 3 * sum(p.numel() * p.element_size() for p in model.parameters())
     available = available_memory_bytes()
@@ -322,6 +350,7 @@ def benchmark(
     amp: bool = False,
     channels_last: bool = False,
     compile: bool = False,
+    grad_checkpointing: bool = False,
     device: str = "cpu",
     fused: bool = False,
     warmup: int = 2,
@@ -334,6 +363,7 @@ def benchmark(
 
     batch_size: a number, or "auto" (90% of the largest training batch, see the module docstring). fused:
     measure inference on fuse_for_inference(model). train=False skips the training measurement.
+    grad_checkpointing: training (and the largest-batch search) recomputes activations in backward.
     """
     from tresfinetune.models import create_model, fuse_for_inference
 
@@ -350,10 +380,13 @@ def benchmark(
     amp_dtype = half_dtype(torch_device) if amp else None
     notes: list[str] = []
 
-    with _threads(threads), _cudnn_autotuner():
+    def build() -> nn.Module:
         model = create_model(model_name, num_classes=num_classes).to(torch_device)
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
+        model.set_grad_checkpointing(grad_checkpointing)
+        return model.to(memory_format=torch.channels_last) if channels_last else model
+
+    with _threads(threads), _cudnn_autotuner():
+        model = build()
         max_batch = None
         if auto:
             # Searched on the eager model: torch.compile would recompile for every batch size tried.
@@ -366,9 +399,7 @@ def benchmark(
                 max_batch, how = estimated_cpu_batch(model, input_size, torch_device, amp_dtype)
                 notes.append(how)
             if torch_device.type == "cuda":  # a fresh model: no gradients or optimizer state from the search
-                model = create_model(model_name, num_classes=num_classes).to(torch_device)
-                if channels_last:
-                    model = model.to(memory_format=torch.channels_last)
+                model = build()
                 _free_cuda()
             batch_size = max(2, int(max_batch * AUTO_FRACTION))
         batch = _random_batch(batch_size, input_size, num_classes, torch_device, channels_last)
@@ -398,7 +429,7 @@ def benchmark(
     return BenchmarkResult(
         model=model_name, input_size=input_size, device=str(torch_device), batch_size=int(batch_size),
         max_batch_size=max_batch, amp=None if amp_dtype is None else str(amp_dtype).removeprefix("torch."),
-        channels_last=channels_last, compile=compile, fused=fused,
+        channels_last=channels_last, compile=compile, grad_checkpointing=grad_checkpointing, fused=fused,
         train_img_per_s=train_speed, infer_img_per_s=infer_speed,
         train_peak_memory_mib=train_memory, infer_peak_memory_mib=infer_memory.mib,
         memory_measure=memory_measure, notes=notes,
@@ -420,12 +451,55 @@ def benchmark_table(results: list[BenchmarkResult]) -> Table:
                    "infer peak MiB"):
         table.add_column(column, justify="left" if column == "model" else "right")
     for r in results:
-        table.add_row(r.model, _number(r.train_img_per_s, 1), _number(r.infer_img_per_s, 1),
+        label = r.model + (" + grad checkpointing" if r.grad_checkpointing else "")
+        table.add_row(label, _number(r.train_img_per_s, 1), _number(r.infer_img_per_s, 1),
                       "-" if r.max_batch_size is None else str(r.max_batch_size), str(r.batch_size),
                       _number(r.train_peak_memory_mib), _number(r.infer_peak_memory_mib))
     notes = [note for r in results for note in r.notes]
     table.caption = "; ".join([f"memory: {first.memory_measure}", *notes])
     return table
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
+def benchmark_checkpointing(model_name: str, **options) -> tuple[list[BenchmarkResult], dict[str, float | None]]:
+    """The model measured without and with grad checkpointing, and the trade: checkpointed / plain ratios.
+
+    On a GPU the ratio of peak memory is max_memory_allocated's. On the CPU two runs in one process cannot be
+    compared by RSS growth (the second reuses what the first freed), so the CPU trade compares the activation memory
+    a training step holds per image instead: saved tensors, plus one recomputed segment when checkpointed.
+    """
+    plain = benchmark(model_name, grad_checkpointing=False, **options)
+    checkpointed = benchmark(model_name, grad_checkpointing=True, **options)
+    trade = {"train_peak_memory": _ratio(checkpointed.train_peak_memory_mib, plain.train_peak_memory_mib),
+             "activation_memory": None,
+             "train_img_per_s": _ratio(checkpointed.train_img_per_s, plain.train_img_per_s),
+             "max_batch_size": _ratio(checkpointed.max_batch_size, plain.max_batch_size)}
+    if plain.device == "cpu" and plain.train_img_per_s is not None:
+        from tresfinetune.models import create_model
+
+        held = {}
+        with _threads(options.get("threads")):
+            amp_dtype = torch.bfloat16 if plain.amp else None
+            for checkpointing in (False, True):
+                model = create_model(model_name, num_classes=options.get("num_classes", 1000))
+                model.set_grad_checkpointing(checkpointing)
+                held[checkpointing] = activation_bytes_per_image(model, plain.input_size, torch.device("cpu"),
+                                                                 amp_dtype)
+        trade.update(train_peak_memory=None, activation_memory=_ratio(held[True], held[False]))
+        checkpointed.train_peak_memory_mib = checkpointed.infer_peak_memory_mib = None
+        checkpointed.notes.append("CPU: the second run's RSS growth would hide what it reuses of the first's freed "
+                                  "memory, so its peaks are left out; the trade compares activations per image")
+    return [plain, checkpointed], trade
+
+
+def describe_trade(trade: dict[str, float | None]) -> str:
+    labels = {"train_peak_memory": "training peak memory", "activation_memory": "activations per image",
+              "train_img_per_s": "training img/s", "max_batch_size": "largest batch"}
+    parts = [f"{label} {trade[key]:.2f}x" for key, label in labels.items() if trade.get(key) is not None]
+    return "grad checkpointing: " + (", ".join(parts) if parts else "no comparable numbers") + " of the plain model's"
 
 
 def parse_batch_size(text: str | int) -> int | str:

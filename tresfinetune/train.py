@@ -318,6 +318,7 @@ def _build(recipe: Recipe, run_dir: Path, ckpt: RunCheckpoint | None, device: to
     info = RunInfo(recipe.model.name, list(source.class_names), source.task, recipe.input_size,
                    list(recipe.data.mean), list(recipe.data.std), recipe=recipe_to_dict(recipe))
     model = _build_model(recipe, ckpt, len(info.class_names)).to(device)
+    model.set_grad_checkpointing(recipe.grad_checkpointing)
     channels_last = recipe.channels_last and device.type == "cuda"
     if channels_last:
         model.to(memory_format=torch.channels_last)

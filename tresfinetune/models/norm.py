@@ -31,6 +31,12 @@ Weight gradient of |w|: like inplace_abn (functions.py: `dweight[weight < 0] *= 
 w < 0 and +1 for w >= 0. Note w == 0 gets +1, not torch.sign's 0: the zero-initialised last norm of each residual
 block (scale 1e-5) must receive gradient, or it would stay at zero for ever.
 
+Activation checkpointing (models/checkpointing.py) runs a segment's forward twice: once without saving anything,
+once in backward to rebuild what backward needs. `replayable_forward()` gives the two contexts for one segment:
+in the first, each layer notes the `keep` it chose; in the recomputation it takes that same choice back (so the
+saved tensors and the gradients are those of the first run, and the keep-input plan is not advanced) and leaves
+the running statistics alone (they were updated once already).
+
 Per-layer "plain BatchNorm" semantics: files written by timm after fine-tuning with plain BatchNorm can hold norm
 weights that are negative or below 1e-5, which no ABN weight can express. Such a layer is switched to
 `plain_bn = True`: scale = weight, computed with PyTorch's ordinary batch_norm autograd (which saves its input, so
@@ -41,8 +47,11 @@ from that key. Layers in ordinary files have no marker, so the authors' key layo
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
+import threading
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -226,6 +235,46 @@ class _KeepInputPlan:
             self._keep = torch.argsort((~device_mask).to(torch.uint8), stable=True)[:count]
 
 
+class _SegmentRecord:
+    """The `keep` choices of the NormAct layers of one checkpointed segment, in call order."""
+
+    def __init__(self) -> None:
+        self.keeps: list[torch.Tensor | str | None] = []
+        self.replaying = False
+        self.position = 0
+
+    def replay_next(self) -> torch.Tensor | str | None:
+        keep = self.keeps[self.position]
+        self.position += 1
+        return keep
+
+
+# The segment whose forward (or recomputation) is running on this thread. Recomputation runs inside backward, on
+# the autograd engine's thread for the device, which enters its own context there.
+_segment = threading.local()
+
+
+def _active_segment() -> _SegmentRecord | None:
+    return getattr(_segment, "record", None)
+
+
+@contextlib.contextmanager
+def _segment_context(record: _SegmentRecord, replaying: bool) -> Iterator[None]:
+    previous = _active_segment()
+    _segment.record = record
+    record.replaying, record.position = replaying, 0
+    try:
+        yield
+    finally:
+        _segment.record = previous
+
+
+def replayable_forward() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """(forward context, recomputation context) for one checkpointed segment: torch.utils.checkpoint's context_fn."""
+    record = _SegmentRecord()
+    return _segment_context(record, replaying=False), _segment_context(record, replaying=True)
+
+
 def _batch_mean_var(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and biased variance of (N, C, H, W), in float32 whatever x's dtype."""
     if x.is_cuda:
@@ -257,7 +306,7 @@ class SyncNormActFunction(torch.autograd.Function):
         total = stats[:1]
         mean = stats[1:1 + channels] / total
         var = (stats[1 + channels:] / total - mean * mean).clamp_min(0)
-        with torch.no_grad():
+        if running_mean is not None:  # None: a checkpoint recomputation, which must not update them again
             running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
             running_var.mul_(1 - momentum).add_((var * total / (total - 1)).to(running_var.dtype), alpha=momentum)
         # Statistics in the weights' dtype: cuDNN wants one dtype for weight, bias, mean and var.
@@ -348,16 +397,21 @@ class NormAct(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and x.numel() // x.shape[1] <= 1:
             raise ValueError(f"batch norm in training mode needs more than 1 value per channel, got {list(x.shape)}")
+        segment = _active_segment()
+        replaying = segment is not None and segment.replaying
+        # A checkpoint recomputation normalises with the same batch statistics but must not count them again.
+        counted = replaying and self.training
+        running_mean, running_var = (None, None) if counted else (self.running_mean, self.running_var)
         if self.training and self.sync_group is not None and _world_size(self.sync_group) > 1:
             return SyncNormActFunction.apply(
-                x, self.weight, self.bias, self.running_mean, self.running_var, self.momentum, self.eps,
+                x, self.weight, self.bias, running_mean, running_var, self.momentum, self.eps,
                 self.slope, self.plain_bn, self.sync_group,
             )
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
         if self.plain_bn or not needs_grad or torch.compiler.is_compiling():
             out = F.batch_norm(
-                x, self.running_mean, self.running_var, self.effective_scale(), self.bias,
-                self.training, self.momentum, self.eps,
+                x, running_mean, running_var, self.effective_scale(), self.bias, self.training, self.momentum,
+                self.eps,
             )
             return out if self.slope is None else F.leaky_relu_(out, self.slope)
         if self._inplace_abn is not None:
@@ -366,11 +420,16 @@ class NormAct(nn.Module):
                 x, self.weight, self.bias, self.running_mean, self.running_var, self.training,
                 self.momentum, self.eps, activation, 0.0 if self.slope is None else self.slope,
             )
-        keep = None
-        if x.dtype in (torch.float16, torch.bfloat16):
-            keep = self._keep_input_plan.channels(self.weight, self.bias, self.eps)
+        if replaying:
+            keep = segment.replay_next()  # the first run's choice: same saved tensors, same gradients
+        else:
+            keep = None
+            if x.dtype in (torch.float16, torch.bfloat16):
+                keep = self._keep_input_plan.channels(self.weight, self.bias, self.eps)
+            if segment is not None:
+                segment.keeps.append(keep)
         return NormActFunction.apply(
-            x, self.weight, self.bias, self.running_mean, self.running_var,
+            x, self.weight, self.bias, running_mean, running_var,
             self.training, self.momentum, self.eps, self.slope, keep,
         )
 

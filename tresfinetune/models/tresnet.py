@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tresfinetune.errors import UserError
+from tresfinetune.models.checkpointing import body_segments, checkpointed_forward
 from tresfinetune.models.ml_decoder import DEFAULT_EMBEDDING, MLDecoderHead
 from tresfinetune.models.norm import NormAct
 
@@ -241,6 +243,9 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 
 HEADS = ("fc", "ml_decoder")
+# inplace_abn's kernels overwrite their input and update the running statistics in every call, recomputation
+# included.
+_CHECKPOINTING_NEEDS_NATIVE = "grad_checkpointing works with norm 'native' only; set model.norm: native"
 
 
 class ClassifierHead(nn.Module):
@@ -309,6 +314,7 @@ class TResNet(nn.Module):
         self.num_classes = num_classes
         self.head = make_head(head, self.num_features, num_classes, head_groups, head_embedding)
         self.pretrained_cfg: dict = {}
+        self.grad_checkpointing = False
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -328,8 +334,16 @@ class TResNet(nn.Module):
         return [m for m in self.modules() if isinstance(m, NormAct)]
 
     def set_norm_backend(self, backend: str) -> None:
+        if backend != "native" and self.grad_checkpointing:
+            raise UserError(_CHECKPOINTING_NEEDS_NATIVE)
         for layer in self.norm_layers():
             layer.set_backend(backend)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the body's activations in backward instead of keeping them (timm's name for the switch)."""
+        if enable and any(layer.backend != "native" for layer in self.norm_layers()):
+            raise UserError(_CHECKPOINTING_NEEDS_NATIVE)
+        self.grad_checkpointing = enable
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the head with a freshly initialised one of the same kind for `num_classes` classes."""
@@ -340,6 +354,8 @@ class TResNet(nn.Module):
         self.pretrained_cfg["num_classes"] = num_classes
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpointed_forward(body_segments(self.body), x)
         return self.body(x)
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
