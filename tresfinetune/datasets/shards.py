@@ -204,6 +204,9 @@ def count_shard(url: str) -> int:
 
 def describe_error(error: BaseException) -> str:
     first = str(error.args[0]) if error.args else ""
+    exited = re.search(r"'shell': True.*\): exit (\d+)", first)  # webdataset's words for a failed pipe: command
+    if exited:
+        return f"the command exited with status {exited[1]}"
     return f"{type(error).__name__}: {first.split(' @ ')[0]}" if first else type(error).__name__
 
 
