@@ -31,7 +31,8 @@ def test_measures_training_and_inference():
     assert result.train_img_per_s > 0 and result.infer_img_per_s > 0
     assert result.batch_size == 2 and result.max_batch_size is None and result.device == "cpu"
     if result.memory_measure != "n/a":  # Linux: RSS is read from /proc
-        assert result.train_peak_memory_mib > 0
+        # RSS growth only: in a process that already freed more than a step needs (earlier tests), it can be 0.
+        assert result.train_peak_memory_mib is not None and result.train_peak_memory_mib >= 0
 
 
 def test_fused_amp_channels_last_inference_only():

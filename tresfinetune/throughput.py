@@ -69,6 +69,27 @@ def _rss_bytes() -> int | None:
         return None
 
 
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter of this process to its current RSS; False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _peak_rss_bytes() is not None
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def available_memory_bytes() -> int | None:
     try:
         with open("/proc/meminfo") as f:
@@ -81,7 +102,8 @@ def available_memory_bytes() -> int | None:
 
 
 class PeakMemory:
-    """Peak memory over a `with` block: CUDA allocations on a GPU, RSS growth (sampled every 2 ms) on the CPU."""
+    """Peak memory over a `with` block: CUDA allocations on a GPU; on the CPU, RSS growth: the kernel's own peak
+    (VmHWM, reset at the start through /proc/self/clear_refs) where Linux allows it, else RSS sampled every 2 ms."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -95,7 +117,8 @@ class PeakMemory:
             self._start = torch.cuda.memory_allocated(self.device)
             return self
         self._start = _rss_bytes()
-        if self._start is not None:
+        self._kernel_peak = _reset_peak_rss()
+        if self._start is not None and not self._kernel_peak:
             self._highest = self._start
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
@@ -111,6 +134,8 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+        elif self._start is not None and self._kernel_peak:
+            self.peak_bytes = max(0, (_peak_rss_bytes() or 0) - self._start)
         elif self._start is not None:
             self._stop.set()
             self._thread.join()
