@@ -167,10 +167,11 @@ def resolve_checkpoint_path(path: str | Path, prefer: str = "best.pt") -> Path:
     """A file as is; a run folder -> its `prefer` file (best.pt or last.pt), falling back to the other."""
     path = Path(path).expanduser()
     if path.is_dir():
-        for name in (prefer, "last.pt" if prefer == "best.pt" else "best.pt"):
+        names = (prefer, "last.pt" if prefer == "best.pt" else "best.pt")
+        for name in names:
             if (path / name).is_file():
                 return path / name
-        raise UserError(f"'{path}' holds no checkpoint (no {prefer} or last.pt); is it a run folder?")
+        raise UserError(f"'{path}' holds no checkpoint (no {names[0]} or {names[1]}); is it a run folder?")
     if not path.exists():
         raise UserError(f"checkpoint '{path}' does not exist")
     return path
