@@ -99,9 +99,6 @@ def evaluate(
     given; the plot goes next to it, or into the checkpoint's folder without one.
     """
     from tresfinetune.datasets import build_source
-    from tresfinetune.datasets.loaders import BadImageLog, ImageDataset, ImageLoader
-    from tresfinetune.datasets.shards import ShardSource, shard_eval_loader
-    from tresfinetune.datasets.transforms import build_transforms
     from tresfinetune.models.from_checkpoint import load_trained_model
     from tresfinetune.runtime import amp_dtype_for, resolve_device
 
@@ -114,18 +111,7 @@ def evaluate(
     split = split or recipe.data.val_split
     source = build_source(recipe.data)
     _check_classes(info.class_names, source.class_names, recipe.data.name)
-    if isinstance(source, ShardSource):  # streamed: every image of the split once
-        loader = shard_eval_loader(recipe, source, split, batch_size, workers, torch_device)
-        samples, bad_images = loader.dataset, loader.bad_images
-    else:
-        samples = source.split(split)
-        if not samples:
-            raise UserError(f"split '{split}' of dataset '{recipe.data.name}' has no images")
-        bad_images = BadImageLog("skip")
-        loader = ImageLoader(ImageDataset(samples, build_transforms(recipe, train=False), info.task),
-                             batch_size=batch_size or recipe.batch_size, shuffle=False, bad_images=bad_images,
-                             num_workers=recipe.workers if workers is None else workers,
-                             pin_memory=torch_device.type == "cuda")
+    loader, samples, bad_images = _split_loader(recipe, source, split, info.task, batch_size, workers, torch_device)
     model.to(torch_device)
     channels_last = recipe.channels_last and torch_device.type == "cuda"
     if channels_last:
@@ -163,6 +149,26 @@ def evaluate(
                         else (trained.path.parent, f"eval_{split}"))
         plot_path = _plot(report, folder, stem)
     return EvaluationResult(report, plot_path, json_file)
+
+
+def _split_loader(recipe, source, split: str, task: str, batch_size: int | None, workers: int | None,
+                  device: torch.device) -> tuple:
+    """(loader, its samples, its unreadable-image log) over every image of `split` once, in order."""
+    from tresfinetune.datasets.loaders import BadImageLog, ImageDataset, ImageLoader
+    from tresfinetune.datasets.shards import ShardSource, shard_eval_loader
+    from tresfinetune.datasets.transforms import build_transforms
+
+    if isinstance(source, ShardSource):  # streamed
+        loader = shard_eval_loader(recipe, source, split, batch_size, workers, device)
+        return loader, loader.dataset, loader.bad_images
+    samples = source.split(split)
+    if not samples:
+        raise UserError(f"split '{split}' of dataset '{recipe.data.name}' has no images")
+    bad_images = BadImageLog("skip")
+    loader = ImageLoader(ImageDataset(samples, build_transforms(recipe, train=False), task),
+                         batch_size=batch_size or recipe.batch_size, shuffle=False, bad_images=bad_images,
+                         num_workers=recipe.workers if workers is None else workers, pin_memory=device.type == "cuda")
+    return loader, samples, bad_images
 
 
 def _plot(report: dict, folder: Path, stem: str) -> Path:
