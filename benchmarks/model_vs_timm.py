@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from timing import interleaved_seconds
 
+from tresfinetune.throughput import proc_bytes, reset_peak_rss
+
 
 def saved_activation_bytes(model: torch.nn.Module, x: torch.Tensor, amp: torch.dtype | None = None) -> int:
     weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
@@ -89,14 +91,6 @@ def high_res_model(variant: str, weights: str | None, name: str) -> torch.nn.Mod
     return model.train()
 
 
-def _proc_status_bytes(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise OSError(f"{key} not in /proc/self/status")
-
-
 def step_peak_bytes(args: argparse.Namespace) -> int:
     """In this (fresh) process: peak RSS of one training step of args.peak_of above the RSS just before it."""
     torch.set_num_threads(args.threads)
@@ -104,11 +98,11 @@ def step_peak_bytes(args: argparse.Namespace) -> int:
     x = torch.rand(args.high_res_batch, 3, args.high_res_size, args.high_res_size)
     y = torch.randint(0, 1000, (args.high_res_batch,))
     train_step(model, x, y)  # warm-up: one-time allocations (kernel workspaces, caches) happen here
-    before = _proc_status_bytes("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM, the peak RSS, to the current RSS
+    before = proc_bytes("/proc/self/status", "VmRSS")
+    if before is None or not reset_peak_rss():
+        raise OSError("this system does not expose the peak RSS (/proc/self/status VmHWM, /proc/self/clear_refs)")
     train_step(model, x, y)
-    return _proc_status_bytes("VmHWM") - before
+    return proc_bytes("/proc/self/status", "VmHWM") - before
 
 
 def high_res_peaks(args: argparse.Namespace) -> dict[str, float | None]:

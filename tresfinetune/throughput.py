@@ -69,7 +69,7 @@ def _rss_bytes() -> int | None:
         return None
 
 
-def _reset_peak_rss() -> bool:
+def reset_peak_rss() -> bool:
     """Reset the kernel's peak-RSS counter of this process to its current RSS; False where that is not possible."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -79,26 +79,24 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _peak_rss_bytes() -> int | None:
+def proc_bytes(path: str, key: str) -> int | None:
+    """A `Key:  N kB` line of a /proc file (status, meminfo) in bytes; None where it cannot be read."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def _peak_rss_bytes() -> int | None:
+    return proc_bytes("/proc/self/status", "VmHWM")
 
 
 def available_memory_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    return proc_bytes("/proc/meminfo", "MemAvailable")
 
 
 class PeakMemory:
@@ -117,7 +115,7 @@ class PeakMemory:
             self._start = torch.cuda.memory_allocated(self.device)
             return self
         self._start = _rss_bytes()
-        self._kernel_peak = _reset_peak_rss()
+        self._kernel_peak = reset_peak_rss()
         if self._start is not None and not self._kernel_peak:
             self._highest = self._start
             self._thread = threading.Thread(target=self._sample, daemon=True)
