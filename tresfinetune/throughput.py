@@ -390,15 +390,7 @@ def benchmark(
     """
     from tresfinetune.models import create_model, fuse_for_inference
 
-    if input_size < 32 or input_size % 16:
-        raise UserError(f"--input-size must be a multiple of 16 from 32 up (e.g. 224), got {input_size}")
-    auto = isinstance(batch_size, str)
-    if auto and batch_size != "auto":
-        raise UserError(f"--batch-size must be a number or 'auto', got {batch_size!r}")
-    if not auto and batch_size < 2:
-        raise UserError(f"--batch-size must be at least 2 (training normalises over the batch), got {batch_size}")
-    if warmup < 0 or steps < 1:
-        raise UserError(f"need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
+    _check_arguments(input_size, batch_size, warmup, steps)
     torch_device = _device(device)
     amp_dtype = half_dtype(torch_device) if amp else None
     notes: list[str] = []
@@ -411,16 +403,10 @@ def benchmark(
     with _threads(threads), _cudnn_autotuner():
         model = build()
         max_batch = None
-        if auto:
+        if batch_size == "auto":
             # Searched on the eager model: torch.compile would recompile for every batch size tried.
-            if torch_device.type == "cuda":
-                search_step = make_train_step(model.train(), torch_device, amp_dtype)
-                max_batch = largest_cuda_batch(search_step, input_size, num_classes, torch_device, channels_last)
-                notes.append(f"largest training batch that fits: {max_batch}")
-                del search_step
-            else:
-                max_batch, how = estimated_cpu_batch(model, input_size, torch_device, amp_dtype)
-                notes.append(how)
+            max_batch, how = _largest_batch(model, input_size, num_classes, torch_device, amp_dtype, channels_last)
+            notes.append(how)
             if torch_device.type == "cuda":  # a fresh model: no gradients or optimizer state from the search
                 model = build()
                 _free_cuda()
@@ -433,18 +419,14 @@ def benchmark(
         if compile:
             inference_model = torch.compile(inference_model)
         step = make_infer_step(inference_model.eval(), torch_device, amp_dtype)
-        with PeakMemory(torch_device) as infer_memory:
-            _first_step(step, batch, compile)
-            infer_speed = time_steps(step, batch, torch_device, warmup, steps)
+        infer_speed, infer_memory = _measured_phase(step, batch, torch_device, compile, warmup, steps)
         del step, inference_model
 
         train_speed = train_memory = None
         if train:
             trainable = torch.compile(model) if compile else model
             step = make_train_step(trainable.train(), torch_device, amp_dtype)
-            with PeakMemory(torch_device) as memory:
-                _first_step(step, batch, compile)  # gradients, optimizer state and compilation: untimed
-                train_speed = time_steps(step, batch, torch_device, warmup, steps)
+            train_speed, memory = _measured_phase(step, batch, torch_device, compile, warmup, steps)
             train_memory = memory.mib
 
     memory_measure = ("torch.cuda.max_memory_allocated" if torch_device.type == "cuda"
@@ -457,6 +439,37 @@ def benchmark(
         train_peak_memory_mib=train_memory, infer_peak_memory_mib=infer_memory.mib,
         memory_measure=memory_measure, notes=notes,
     )
+
+
+def _check_arguments(input_size: int, batch_size: int | str, warmup: int, steps: int) -> None:
+    if input_size < 32 or input_size % 16:
+        raise UserError(f"--input-size must be a multiple of 16 from 32 up (e.g. 224), got {input_size}")
+    if isinstance(batch_size, str) and batch_size != "auto":
+        raise UserError(f"--batch-size must be a number or 'auto', got {batch_size!r}")
+    if not isinstance(batch_size, str) and batch_size < 2:
+        raise UserError(f"--batch-size must be at least 2 (training normalises over the batch), got {batch_size}")
+    if warmup < 0 or steps < 1:
+        raise UserError(f"need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
+
+
+def _largest_batch(model: nn.Module, input_size: int, num_classes: int, device: torch.device,
+                   amp_dtype: torch.dtype | None, channels_last: bool) -> tuple[int, str]:
+    """(largest training batch, how it was found): searched on a GPU, estimated on the CPU."""
+    if device.type != "cuda":
+        return estimated_cpu_batch(model, input_size, device, amp_dtype)
+    search_step = make_train_step(model.train(), device, amp_dtype)
+    largest = largest_cuda_batch(search_step, input_size, num_classes, device, channels_last)
+    return largest, f"largest training batch that fits: {largest}"
+
+
+def _measured_phase(step: Callable, batch: tuple[torch.Tensor, torch.Tensor], device: torch.device, compiled: bool,
+                    warmup: int, steps: int) -> tuple[float, PeakMemory]:
+    """(img/s, peak memory) of a phase; the peak includes its first, untimed step, which allocates what the phase
+    keeps (gradients, optimizer state, compilation)."""
+    with PeakMemory(device) as memory:
+        _first_step(step, batch, compiled)
+        speed = time_steps(step, batch, device, warmup, steps)
+    return speed, memory
 
 
 def _number(value: float | None, digits: int = 0) -> str:
