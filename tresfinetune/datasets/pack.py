@@ -35,6 +35,7 @@ from tresfinetune.datasets.images import REDUCED_RGB_FLAGS, UnreadableImage, dec
 from tresfinetune.datasets.shards import METADATA_FILE, ShardSource, webdataset_module
 from tresfinetune.datasets.source import Sample, source_info
 from tresfinetune.errors import UserError
+from tresfinetune.files import cause_of, write_text
 from tresfinetune.tasks import MULTI_LABEL
 
 if TYPE_CHECKING:
@@ -225,7 +226,6 @@ def pack(recipe: Recipe, out: str | os.PathLike, shard_size: str | int = "500MB"
 
     `progress(split, images_done)` is called as images are written (for a progress bar)."""
     from tresfinetune.datasets import build_source
-    from tresfinetune.datasets.transforms import build_transforms
 
     max_bytes = parse_size(shard_size)
     max_side = parse_max_side(max_side)
@@ -240,19 +240,11 @@ def pack(recipe: Recipe, out: str | os.PathLike, shard_size: str | int = "500MB"
     # Sources often list samples class by class; a shard must mix them, since readers shuffle within a bounded buffer.
     splits = {name: [samples[i] for i in np.random.default_rng(0).permutation(len(samples))]
               for name, samples in splits.items()}
-    fits = None
-    if max_side == "auto":
-        requirements = [build_transforms(recipe, train=train).decode_fits for train in (True, False)]
-        if None in requirements:
-            log.warning("--max-side auto: the recipe's transforms start without a resize, so they need whole images; "
-                        "images are stored at their size")
-        else:
-            fits = _combined_fits(requirements)
+    fits = _auto_fits(recipe) if max_side == "auto" else None
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create --out folder '{folder}': {e.strerror or e}") from None
-    multi_label = source.task == MULTI_LABEL
+        raise UserError(f"cannot create --out folder '{folder}': {cause_of(e, folder.parent)}") from None
     info = source_info(recipe.data.name)
     encoder = ImageEncoder(max_side, fits)
     metadata: dict[str, Any] = {
@@ -263,44 +255,61 @@ def pack(recipe: Recipe, out: str | os.PathLike, shard_size: str | int = "500MB"
     }
     with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:  # OpenCV codecs release the GIL
         for split, samples in splits.items():
-            writer = RotatingTarWriter(folder, split, max_bytes)
-            positives = np.zeros(source.num_classes, np.int64)
-            negatives = np.zeros(source.num_classes, np.int64)
-            skipped = []
-            written = 0
-            try:
-                for index, (sample, result) in enumerate(_encoded(samples, encoder, pool)):
-                    if isinstance(result, UnreadableImage):
-                        skipped.append(f"{result.path} ({result.reason})")
-                        continue
-                    data, extension = result
-                    label_extension, label = _label_file(sample.target, multi_label)
-                    writer.add(f"{index:09d}", {extension: data, label_extension: label})
-                    written += 1
-                    if multi_label:
-                        dense = np.asarray(sample.target, dtype=np.float32)
-                        positives += dense == 1
-                        negatives += dense == 0
-                    else:
-                        positives[int(sample.target)] += 1
-                    if progress is not None:
-                        progress(split, written)
-            finally:
-                shards = writer.close()
-            entry: dict[str, Any] = {"images": written, "shards": shards,
-                                     "per_class": dict(zip(source.class_names, positives.tolist(), strict=True)),
-                                     "skipped": skipped}
-            if multi_label:
-                unknowns = written - positives - negatives
-                entry["labels"] = {name: {"positives": int(p), "negatives": int(n), "unknowns": int(u)}
-                                   for name, p, n, u in zip(source.class_names, positives, negatives, unknowns,
-                                                            strict=True)}
-                metadata["unknown_labels"] |= bool(unknowns.any())
+            entry = _pack_split(samples, source, RotatingTarWriter(folder, split, max_bytes), encoder, pool,
+                                lambda done, split=split: progress(split, done) if progress else None)
+            metadata["unknown_labels"] |= entry.pop("has_unknowns")
             metadata["splits"][split] = entry
-            if skipped:
-                shown = ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else "")
-                log.warning("%s: left out %d unreadable image(s): %s", split, len(skipped), shown)
-    partial = folder / f".{METADATA_FILE}.partial"
-    partial.write_text(json.dumps(metadata, indent=1))
-    os.replace(partial, folder / METADATA_FILE)  # written last: a folder with dataset.json is complete
+            if entry["skipped"]:
+                shown = ", ".join(entry["skipped"][:5]) + (", ..." if len(entry["skipped"]) > 5 else "")
+                log.warning("%s: left out %d unreadable image(s): %s", split, len(entry["skipped"]), shown)
+    write_text(folder / METADATA_FILE, json.dumps(metadata, indent=1))  # last: a folder with it is complete
     return metadata
+
+
+def _auto_fits(recipe: Recipe) -> Callable[[int, int], bool] | None:
+    """--max-side auto: whether a stored size still serves both of the recipe's pipelines (None: keep sizes)."""
+    from tresfinetune.datasets.transforms import build_transforms
+
+    requirements = [build_transforms(recipe, train=train).decode_fits for train in (True, False)]
+    if None in requirements:
+        log.warning("--max-side auto: the recipe's transforms start without a resize, so they need whole images; "
+                    "images are stored at their size")
+        return None
+    return _combined_fits(requirements)
+
+
+def _pack_split(samples: list, source: Any, writer: RotatingTarWriter, encoder: ImageEncoder,
+                pool: ThreadPoolExecutor, progress: Callable[[int], None]) -> dict:
+    """Write one split's samples; its dataset.json entry (plus `has_unknowns`, for the caller to pop)."""
+    multi_label = source.task == MULTI_LABEL
+    positives = np.zeros(source.num_classes, np.int64)
+    negatives = np.zeros(source.num_classes, np.int64)
+    skipped: list[str] = []
+    written = 0
+    try:
+        for index, (sample, result) in enumerate(_encoded(samples, encoder, pool)):
+            if isinstance(result, UnreadableImage):
+                skipped.append(f"{result.path} ({result.reason})")
+                continue
+            data, extension = result
+            label_extension, label = _label_file(sample.target, multi_label)
+            writer.add(f"{index:09d}", {extension: data, label_extension: label})
+            written += 1
+            if multi_label:
+                dense = np.asarray(sample.target, dtype=np.float32)
+                positives += dense == 1
+                negatives += dense == 0
+            else:
+                positives[int(sample.target)] += 1
+            progress(written)
+    finally:
+        shards = writer.close()
+    entry: dict[str, Any] = {"images": written, "shards": shards,
+                             "per_class": dict(zip(source.class_names, positives.tolist(), strict=True)),
+                             "skipped": skipped, "has_unknowns": False}
+    if multi_label:
+        unknowns = written - positives - negatives
+        entry["labels"] = {name: {"positives": int(p), "negatives": int(n), "unknowns": int(u)}
+                           for name, p, n, u in zip(source.class_names, positives, negatives, unknowns, strict=True)}
+        entry["has_unknowns"] = bool(unknowns.any())
+    return entry
