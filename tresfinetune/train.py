@@ -115,6 +115,7 @@ class Training:
     train_model: nn.Module | None = None  # what the step calls: the model, in DDP and compiled as asked
     searching_unused: bool = False  # DDP looks for parameters without gradient (while the backbone is frozen)
     stop: StopRequests = field(default_factory=StopRequests)
+    checkpoint_every: tuple[int | None, float | None] = (None, None)  # (optimizer steps, seconds): one is set
     steps_done: int = 0  # optimizer steps in this process's lifetime
     last_saved: tuple[int, float] = (0, 0.0)  # (steps_done, time.monotonic()) when last.pt was last written
 
@@ -345,7 +346,8 @@ def _build(recipe: Recipe, run_dir: Path, ckpt: RunCheckpoint | None, device: to
     amp_dtype = amp_dtype_for(recipe.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     return Training(recipe, run_dir, device, world, info, train_loader, val_loader, model, ema, criterion.to(device),
-                    loss_name, partial, mixup, optimizer, scheduler, scaler, amp_dtype, channels_last)
+                    loss_name, partial, mixup, optimizer, scheduler, scaler, amp_dtype, channels_last,
+                    checkpoint_every=parse_checkpoint_every(recipe.checkpoint_every))
 
 
 def _build_model(recipe: Recipe, ckpt: RunCheckpoint | None, num_classes: int) -> nn.Module:
@@ -538,13 +540,13 @@ def _forward_backward(run: Training, images: torch.Tensor, targets: torch.Tensor
 
 def _checkpoint_steps_due(run: Training) -> bool:
     """checkpoint_every: N optimizer steps since last.pt was written (after this step's count)."""
-    every_steps, _ = parse_checkpoint_every(run.recipe.checkpoint_every)
+    every_steps, _ = run.checkpoint_every
     return every_steps is not None and run.steps_done - run.last_saved[0] >= every_steps
 
 
 def _checkpoint_time_due(run: Training) -> bool:
     """checkpoint_every: a duration since last.pt was written (rank 0's clock decides for every rank)."""
-    _, every_seconds = parse_checkpoint_every(run.recipe.checkpoint_every)
+    _, every_seconds = run.checkpoint_every
     return every_seconds is not None and time.monotonic() - run.last_saved[1] >= every_seconds
 
 
